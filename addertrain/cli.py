@@ -1,0 +1,74 @@
+"""The ``addertrain`` command.
+
+Each subcommand lives in its own module exposing ``HELP``, ``add_arguments(parser)``
+and ``run(args) -> int``; heavy imports happen inside ``run`` so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from addertrain.errors import UserError
+
+# (group, name) -> module; group None means a top-level command.
+COMMANDS = {
+    (None, "launch"): "addertrain.launch.command",
+    ("bench", "op"): "addertrain.bench.op",
+    ("bench", "kernels"): "addertrain.bench.kernels",
+    ("bench", "data"): "addertrain.bench.data",
+    ("data", "check"): "addertrain.data.check",
+    ("data", "digits"): "addertrain.data.digits",
+    ("data", "fake"): "addertrain.data.fake",
+}
+GROUP_HELP = {
+    "bench": "measure speed and memory side by side with the baselines (prints a table, writes JSON)",
+    "data": "prepare and check datasets",
+}
+
+
+def _available():
+    for key, module in COMMANDS.items():
+        try:
+            yield key, importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if not e.name or not module.startswith(e.name):
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="addertrain",
+        description="Train multiplication-free AdderNets: Triton adder kernels, DALI input, "
+                    "DeepSpeed workers orchestrated by Ray.")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups = {}
+    for (group, name), module in _available():
+        if group is None:
+            sub = top.add_parser(name, help=module.HELP, description=module.HELP)
+        else:
+            if group not in groups:
+                g = top.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group])
+                groups[group] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            sub = groups[group].add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._run(args) or 0
+    except UserError as e:
+        print(f"addertrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("addertrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The recipe: a typed config tree loaded from YAML, with ``key.path=value`` overrides.
+
+Every problem becomes one :class:`UserError` naming the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from addertrain.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    dir: str = "runs"
+    seed: int = 0
+    deterministic: bool = False
+
+
+class ModelConfig(Section):
+    arch: Literal["resnet20", "resnet32", "resnet18", "resnet50"] = "resnet20"
+    conv: Literal["adder", "conv"] = "adder"
+    num_classes: int = Field(10, ge=2)
+    # auto: BN on the logits (the paper's head) for adder, the standard linear head for conv
+    head: Literal["auto", "bn", "linear"] = "auto"
+    backend: Literal["auto", "reference", "triton"] = "auto"
+    bn_momentum: float = Field(0.1, gt=0, le=1)
+
+
+class SyntheticConfig(Section):
+    train_size: int = Field(2048, ge=1)
+    val_size: int = Field(512, ge=1)
+
+
+class DataConfig(Section):
+    # folder: ImageNet layout root/{train,val}/<class>/*.JPEG; synthetic: generated, class-dependent
+    source: Literal["folder", "synthetic"] = "synthetic"
+    root: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    # prepare a missing dataset with a builder (e.g. "digits") before training
+    prepare: Optional[Literal["digits"]] = None
+    image_size: int = Field(32, ge=8)
+    # evaluation: resize the shorter side to this, then center-crop image_size
+    eval_resize: Optional[int] = None
+    channels: int = Field(3, ge=1)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    random_resized_crop: bool = True
+    flip: bool = True
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    threads: int = Field(2, ge=1)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source == "folder" and not self.root:
+            raise ValueError("data.root must name the dataset folder when data.source is folder")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise ValueError("data.crop_ratio must be [lo, hi] with 0 < lo <= hi")
+        if self.eval_resize is not None and self.eval_resize < self.image_size:
+            raise ValueError("data.eval_resize must be at least data.image_size")
+        return self
+
+
+class OptimConfig(Section):
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: Optional[float] = Field(None, gt=0)
+
+
+class ScheduleConfig(Section):
+    epochs: float = Field(1, gt=0)
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError("schedule.warmup_epochs must be shorter than schedule.epochs")
+        return self
+
+
+class AdderConfig(Section):
+    alr: bool = True
+    eta: float = Field(0.2, gt=0)
+
+
+class TrainConfig(Section):
+    global_batch: int = Field(256, ge=1)
+    micro_batch: int = Field(64, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # evaluate every this many epochs (and always at the end); 0 = only at the end
+    eval_interval: float = Field(1, ge=0)
+    # stop after this many optimizer steps (None: run the schedule's epochs)
+    max_steps: Optional[int] = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DistributedConfig(Section):
+    executor: Literal["ray", "local"] = "ray"
+    workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    ray_address: Optional[str] = None
+    max_failures: int = Field(0, ge=0)
+
+
+class CheckpointConfig(Section):
+    interval_steps: Optional[int] = Field(None, ge=1)
+    interval_minutes: Optional[float] = Field(None, gt=0)
+    keep_last: int = Field(2, ge=1)
+    keep_best: int = Field(1, ge=0)
+
+
+class LoggingConfig(Section):
+    interval_steps: int = Field(10, ge=1)
+    progress: bool = True
+    plots: bool = True
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    adder: AdderConfig = AdderConfig()
+    train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        t = self.train
+        if t.global_batch % t.micro_batch:
+            raise ValueError(
+                f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
+                f"({t.micro_batch})")
+        if t.global_batch % (t.micro_batch * self.distributed.workers):
+            raise ValueError(
+                f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch x "
+                f"distributed.workers ({t.micro_batch} x {self.distributed.workers})")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self, sections: tuple[str, ...]) -> str:
+        """A hash of the given sections, to detect incompatible changes on resume."""
+        d = self.to_dict()
+        blob = json.dumps({k: d[k] for k in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    model: Any = Config
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        model = fields[part].annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+    path = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))}?" if close else ""
+        return f"unknown key {path}{hint} (allowed here: {', '.join(known)})"
+    if kind == "value_error":
+        return err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    return f"{path or 'recipe'}: {err['msg']} (got {got!r})"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like key.path=value, e.g. optim.lr=0.05")
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {part} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return tree
+
+
+def from_dict(tree: dict, source: str = "recipe") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors()]
+        raise UserError(f"{source}: " + "; ".join(problems)) from None
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist; pass a YAML file such as recipes/digits.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"recipe {path} must be a mapping of sections (run, model, data, ...)")
+    return from_dict(apply_overrides(tree, list(overrides)), source=str(path))

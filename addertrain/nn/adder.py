@@ -1,0 +1,95 @@
+"""AdderConv2d: ``Y = -sum |X - W|`` with the AdderNet backward rules.
+
+Every backend implements the same three functions on NCHW tensors:
+
+    forward(x, w, stride, padding) -> y                 y = -sum_k |x_col - w|
+    grad_input(g, x, w, stride, padding) -> gx          HardTanh rule
+    grad_weight(g, x, w, stride, padding) -> gw         full-precision rule
+
+Outputs are in the input dtype; accumulation is in fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from addertrain.errors import UserError
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def triton_can_run(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(name: str, device: torch.device) -> ModuleType:
+    """The module implementing ``name`` on ``device``; ``auto`` picks Triton on CUDA."""
+    if name not in BACKENDS:
+        raise UserError(f"adder backend {name!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "reference"
+    if name == "reference":
+        from addertrain.ops import reference
+
+        return reference
+    if not triton_can_run(device):
+        raise UserError(
+            "the triton adder backend needs a CUDA device, or TRITON_INTERPRET=1 to run "
+            "its kernels on the CPU (slow, for tests); use model.backend=reference or auto"
+        )
+    from addertrain import kernels
+
+    return kernels
+
+
+class _AdderFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, stride, padding, backend):
+        ops = resolve_backend(backend, x.device)
+        ctx.save_for_backward(x, w)
+        ctx.conf = (stride, padding, ops)
+        return ops.forward(x, w, stride, padding)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        stride, padding, ops = ctx.conf
+        g = g.contiguous()
+        gx = ops.grad_input(g, x, w, stride, padding) if ctx.needs_input_grad[0] else None
+        gw = ops.grad_weight(g, x, w, stride, padding) if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None, None
+
+
+def adder_conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0,
+                 backend: str = "auto") -> torch.Tensor:
+    return _AdderFunction.apply(x, w, stride, padding, backend)
+
+
+class AdderConv2d(nn.Module):
+    """Adder layer (groups=1, no bias). Weights start from N(0, 1) as in the paper."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 stride: int = 1, padding: int = 0, backend: str = "auto"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise UserError(f"adder backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return adder_conv2d(x, self.weight, self.stride, self.padding, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, backend={self.backend}")
+
