@@ -1,0 +1,3 @@
+from addertrain.models.resnet import ARCHS, adder_layers, create_model
+
+__all__ = ["ARCHS", "adder_layers", "create_model"]

@@ -1,0 +1,32 @@
+"""Input pipelines.
+
+A loader serves one worker. Iterating it yields ``(images, labels, valid)`` micro-batches
+for one epoch: images float NCHW, normalized, on the worker's device; labels int64;
+``valid`` the number of real samples at the front of the batch (evaluation pads the
+last batches so every worker runs the same number of steps). It has ``steps_per_epoch``
+(the same on every worker), ``set_epoch(epoch)``, and ``state_dict()`` /
+``load_state_dict()`` for its position (exact mid-epoch resume).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from addertrain.config import Config
+
+
+def build_loader(cfg: Config, split: str, batch: int, rank: int, world: int,
+                 device: torch.device):
+    """The loader of ``split`` ("train" or "val") for worker ``rank`` of ``world``."""
+    training = split == "train"
+    d = cfg.data
+    if d.source == "synthetic":
+        from addertrain.data.synthetic import SyntheticLoader
+
+        size = d.synthetic.train_size if training else d.synthetic.val_size
+        return SyntheticLoader(cfg.model.num_classes, size, d.image_size, d.channels, batch,
+                               rank, world, device, cfg.run.seed, split, training)
+    from addertrain.data.dali import build_folder_loader
+
+    return build_folder_loader(d, split, batch, rank, world, device, cfg.run.seed, training)
+

@@ -1,0 +1,88 @@
+"""Rank-0 progress lines (rate, ETA), metrics as JSON lines, and plots of them."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``run_dir/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+
+    def write(self, kind: str, **values) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"kind": kind, "time": time.time(), **values}) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+class Progress:
+    """Prints ``step/total | loss | lr | img/s | ETA`` lines; rate and ETA cover the last interval."""
+
+    def __init__(self, total_steps: int, enabled: bool, stream=sys.stdout):
+        self.total, self.enabled, self.stream = total_steps, enabled, stream
+        self.mark(0, 0)
+
+    def mark(self, step: int, images: int) -> None:
+        """Start the next interval here (after a resume or an evaluation pause)."""
+        self.last = (time.perf_counter(), step, images)
+
+    def update(self, step: int, images: int, **fields) -> float:
+        """Print a line; returns images/s over the interval since the last mark."""
+        now = time.perf_counter()
+        t0, s0, i0 = self.last
+        dt = max(now - t0, 1e-9)
+        rate = (images - i0) / dt
+        eta = (self.total - step) * dt / max(1, step - s0)
+        self.mark(step, images)
+        if self.enabled:
+            parts = [f"step {step}/{self.total}"] + [
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
+            parts += [f"{rate:.1f} img/s", f"ETA {_hms(eta)}"]
+            print(" | ".join(parts), file=self.stream, flush=True)
+        return rate
+
+
+def plot(records: list[dict], out: Path) -> Path | None:
+    """Training loss, learning rate and evaluation accuracy against the step, as one PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    if not train:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
+    axes[0].set(title="training loss", xlabel="step")
+    axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[1].set(title="learning rate", xlabel="step")
+    if evals:
+        axes[2].plot([r["step"] for r in evals], [r["top1"] for r in evals], "o-", label="top-1")
+        axes[2].plot([r["step"] for r in evals], [r["top5"] for r in evals], "s-", label="top-5")
+        axes[2].legend()
+    axes[2].set(title="evaluation accuracy (%)", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,163 @@
+"""One worker's training: model, data, DeepSpeed engine, the step loop and evaluation."""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from addertrain import distributed, engine as ds_engine
+from addertrain.alr import AdderSGD, param_groups
+from addertrain.config import Config
+from addertrain.data import build_loader
+from addertrain.metrics import MetricsLog, Progress, plot
+from addertrain.models import create_model
+from addertrain.schedule import build_scheduler
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: distributed.WorldInfo):
+        self.cfg, self.world = cfg, world
+        self.run_dir = cfg.run_dir()
+        ds_engine.check_precision(cfg, world.device.type)
+        micro, self.accum = ds_engine.batch_split(cfg, world.world_size)
+        seed_everything(cfg.run.seed, cfg.run.deterministic)
+
+        self.train_data = build_loader(cfg, "train", micro, world.rank, world.world_size, world.device)
+        self.val_data = build_loader(cfg, "val", micro, world.rank, world.world_size, world.device)
+        self.steps_per_epoch = self.train_data.steps_per_epoch // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError("an epoch of the training data is shorter than one global batch; "
+                             "lower train.global_batch or use more data")
+        self.total_steps = cfg.train.max_steps or max(1, round(cfg.schedule.epochs * self.steps_per_epoch))
+        self.eval_every = (round(cfg.train.eval_interval * self.steps_per_epoch)
+                           if cfg.train.eval_interval else 0)
+
+        m = cfg.model
+        model = create_model(m.arch, m.conv, m.num_classes, m.head, m.backend, m.bn_momentum,
+                             cfg.data.channels).to(world.device)
+        o = cfg.optim
+        self.optimizer = AdderSGD(param_groups(model, o.weight_decay), lr=o.lr, momentum=o.momentum,
+                                  nesterov=o.nesterov, eta=cfg.adder.eta, alr=cfg.adder.alr)
+        scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps,
+                                    self.steps_per_epoch, o.lr)
+        self.engine = ds_engine.initialize(cfg, model, self.optimizer, scheduler, world.world_size)
+        self.dtype = DTYPES[cfg.train.precision]
+        self.step = 0
+        self.images_seen = 0
+        self.log = MetricsLog(self.run_dir, world.is_main)
+        self.progress = Progress(self.total_steps, world.is_main and cfg.logging.progress)
+
+    # -- the step -------------------------------------------------------------
+    def train_step(self, micro_batches) -> float:
+        """One optimizer step over ``accum`` micro-batches; returns the global mean loss."""
+        total = torch.zeros((), device=self.world.device)
+        for images, labels, _ in micro_batches:
+            logits = self.engine(images.to(self.dtype))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach()
+        total /= self.accum
+        if self.world.world_size > 1:
+            dist.all_reduce(total)
+            total /= self.world.world_size
+        return total.item()
+
+    # -- evaluation -----------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.world.device)  # loss, top1, top5, n
+        for images, labels, valid in self.val_data:
+            logits = self.engine(images.to(self.dtype)).float()[:valid]
+            labels = labels[:valid]
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top5 == labels[:, None]
+            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                                 hits[:, 0].sum(), hits.any(1).sum(),
+                                 torch.tensor(valid, device=logits.device)]).double()
+        self.engine.train()
+        if self.world.world_size > 1:
+            dist.all_reduce(sums)
+        loss, top1, top5, n = sums.tolist()
+        return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "samples": int(n)}
+
+    # -- the loop -------------------------------------------------------------
+    def _batches(self):
+        """Micro-batches grouped per optimizer step, across epochs, until total_steps."""
+        while True:
+            it = iter(self.train_data)
+            for _ in range(self.steps_per_epoch):
+                yield [next(it) for _ in range(self.accum)]
+            self.train_data.set_epoch(self.step // self.steps_per_epoch)
+
+    def fit(self) -> dict:
+        cfg, log_every = self.cfg, self.cfg.logging.interval_steps
+        global_batch = cfg.train.global_batch
+        losses = []
+        result = {}
+        batches = self._batches()
+        self.train_data.set_epoch(self.step // self.steps_per_epoch)
+        while self.step < self.total_steps:
+            loss = self.train_step(next(batches))
+            self.step += 1
+            self.images_seen += global_batch
+            losses.append(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {self.step}")
+            if self.step % log_every == 0 or self.step == self.total_steps:
+                lr = self.optimizer.param_groups[0]["lr"]
+                rate = self.progress.update(self.step, self.images_seen, loss=loss, lr=lr)
+                self.log.write("train", step=self.step, epoch=self.step / self.steps_per_epoch,
+                               loss=loss, lr=lr, img_per_s=rate, alr=self._alr_summary())
+            if self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0):
+                result = self.evaluate()
+                self.log.write("eval", step=self.step, epoch=self.step / self.steps_per_epoch, **result)
+                if self.world.is_main:
+                    print(f"eval at step {self.step}: top-1 {result['top1']:.2f}%  "
+                          f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}", flush=True)
+                self.progress.mark(self.step, self.images_seen)
+        return {"steps": self.step, "losses": losses, "eval": result,
+                "peak_memory_bytes": peak_memory_bytes(self.world.device)}
+
+    def _alr_summary(self) -> dict:
+        s = list(self.optimizer.last_scales.values())
+        return {"min": min(s), "max": max(s)} if s else {}
+
+    def save_final(self) -> Path | None:
+        """The trained model alone (safetensors) and its config, for eval or fine-tuning."""
+        if not self.world.is_main:
+            return None
+        from safetensors.torch import save_file
+
+        out = self.run_dir / "final"
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
+                 for k, v in self.engine.module.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"))
+        (out / "config.yaml").write_text(self.cfg.to_yaml())
+        plot(self.log.read(), self.run_dir / "metrics.png")
+        return out

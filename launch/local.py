@@ -1,0 +1,12 @@
+"""Run the worker function in this process: alone, or as one rank of an external launcher
+(torchrun, srun) that exported RANK/WORLD_SIZE. No Ray import."""
+
+from __future__ import annotations
+
+from addertrain.config import Config
+
+
+def run(cfg: Config) -> dict:
+    from addertrain.worker import train_worker
+
+    return train_worker(cfg.to_dict())
