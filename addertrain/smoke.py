@@ -39,8 +39,9 @@ def shrink(cfg: Config) -> tuple[Config, list[str]]:
     return from_dict(tree, "smoke recipe"), notes
 
 
-def verdict(result: dict) -> tuple[bool, list[str]]:
-    losses = result["losses"]
+def verdict(records: list[dict], result: dict) -> tuple[bool, list[str]]:
+    """Pass when every logged loss is finite, the loss fell, and evaluation ran."""
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
     problems = []
     if not all(math.isfinite(x) for x in losses):
         problems.append("a loss was not finite")

@@ -117,7 +117,6 @@ class Trainer:
     def fit(self) -> dict:
         cfg, log_every = self.cfg, self.cfg.logging.interval_steps
         global_batch = cfg.train.global_batch
-        losses = []
         result = {}
         batches = self._batches()
         self.train_data.set_epoch(self.step // self.steps_per_epoch)
@@ -125,7 +124,6 @@ class Trainer:
             loss = self.train_step(next(batches))
             self.step += 1
             self.images_seen += global_batch
-            losses.append(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {self.step}")
             if self.step % log_every == 0 or self.step == self.total_steps:
@@ -140,7 +138,7 @@ class Trainer:
                     print(f"eval at step {self.step}: top-1 {result['top1']:.2f}%  "
                           f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}", flush=True)
                 self.progress.mark(self.step, self.images_seen)
-        return {"steps": self.step, "losses": losses, "eval": result,
+        return {"steps": self.step, "eval": result,
                 "peak_memory_bytes": peak_memory_bytes(self.world.device)}
 
     def _alr_summary(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -15,7 +16,8 @@ def worker_env() -> None:
                           os.path.expanduser("~/.cache/addertrain/torch_extensions"))
 
 
-def train_worker(cfg_dict: dict) -> dict:
+def train_worker(cfg_dict: dict) -> None:
+    """Train; rank 0 leaves the summary in ``run_dir/result.json`` for the launcher."""
     worker_env()
     from addertrain import distributed
     from addertrain.config import Config
@@ -23,12 +25,11 @@ def train_worker(cfg_dict: dict) -> dict:
 
     cfg = Config.model_validate(cfg_dict)
     world = distributed.init(cfg.train.device)
-    try:
-        trainer = Trainer(cfg, world)
-        result = trainer.fit()
-        trainer.save_final()
-        result["world_size"] = world.world_size
-        result["device"] = str(world.device)
-        return result
-    finally:
-        distributed.teardown()
+    trainer = Trainer(cfg, world)
+    result = trainer.fit()
+    trainer.save_final()
+    # Only on success: after a failure on one rank a barrier would wait for the others forever.
+    if world.is_main:
+        result.update(world_size=world.world_size, device=str(world.device))
+        (cfg.run_dir() / "result.json").write_text(json.dumps(result, indent=2))
+    distributed.teardown()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from addertrain import config
 from addertrain.errors import UserError
+from addertrain.metrics import MetricsLog
 
 HELP = "train a recipe (YAML) with optional key.path=value overrides"
 
@@ -46,18 +47,21 @@ def start_run_dir(cfg: config.Config) -> Path:
     return run_dir
 
 
-def execute(cfg: config.Config, address: str | None = None) -> dict:
+def execute(cfg: config.Config, address: str | None = None) -> None:
     if cfg.distributed.executor == "local":
         from addertrain.launch import local
 
-        return local.run(cfg)
+        local.run(cfg)
+        return
     from addertrain.launch import ray_executor
 
-    return ray_executor.run(cfg, address or cfg.distributed.ray_address)
+    ray_executor.run(cfg, address or cfg.distributed.ray_address)
 
 
 def run(args) -> int:
     cfg = config.load(args.recipe, args.overrides)
+    # Workers may run in another working directory (Ray) or on another node.
+    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
     notes = []
     if args.smoke:
         from addertrain import smoke
@@ -72,11 +76,11 @@ def run(args) -> int:
     run_dir = start_run_dir(cfg)
     print(f"run directory: {run_dir}", flush=True)
     start = time.perf_counter()
-    result = execute(cfg, args.address)
+    execute(cfg, args.address)
     wall = time.perf_counter() - start
-    summary = {"wall_s": round(wall, 1), "steps": result["steps"], "eval": result["eval"],
-               "peak_memory_bytes": result["peak_memory_bytes"], "notes": notes}
-    (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
+    result = json.loads((run_dir / "result.json").read_text())
+    result.update(wall_s=round(wall, 1), notes=notes)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     ev = result["eval"]
     print(f"done in {wall:.0f} s: {result['steps']} steps, top-1 {ev['top1']:.2f}%, "
           f"top-5 {ev['top5']:.2f}%", flush=True)
@@ -84,7 +88,7 @@ def run(args) -> int:
         return 0
     from addertrain import smoke
 
-    ok, problems = smoke.verdict(result)
+    ok, problems = smoke.verdict(MetricsLog(run_dir, True).read(), result)
     images = result["steps"] * cfg.train.global_batch
     print(f"smoke: {images / wall:.1f} img/s overall (startup included), peak memory "
           f"{result['peak_memory_bytes'] / 2**20:.0f} MiB on {result['device']}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from addertrain.config import Config
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config) -> None:
     from addertrain.worker import train_worker
 
-    return train_worker(cfg.to_dict())
+    train_worker(cfg.to_dict())

@@ -10,13 +10,16 @@ last batches so every worker runs the same number of steps). It has ``steps_per_
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from addertrain.config import Config
+if TYPE_CHECKING:
+    import torch
+
+    from addertrain.config import Config
 
 
-def build_loader(cfg: Config, split: str, batch: int, rank: int, world: int,
-                 device: torch.device):
+def build_loader(cfg: "Config", split: str, batch: int, rank: int, world: int,
+                 device: "torch.device"):
     """The loader of ``split`` ("train" or "val") for worker ``rank`` of ``world``."""
     training = split == "train"
     d = cfg.data
