@@ -1,0 +1,153 @@
+"""DALI pipelines over an ImageNet-format dataset, one worker's shard.
+
+One graph serves CUDA and CPU: on CUDA the decoder is "mixed" (nvJPEG) and the image
+operators run on the worker's local GPU; elsewhere the pipeline has ``device_id=None``
+and CPU operators. Each epoch gets its own pipeline over this worker's file list for
+that epoch (see :mod:`addertrain.data.sharding`), so the order, the padding and the
+augmentation seed are functions of (run seed, epoch) alone. Mid-epoch positions are
+DALI pipeline checkpoints (reader position and random generator states).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import torch
+
+from addertrain.config import DataConfig
+from addertrain.data import sharding
+from addertrain.data.folder import SplitIndex, class_names, index_split
+from addertrain.errors import UserError
+
+
+def default_eval_resize(image_size: int) -> int:
+    # ImageNet practice (resize 256, crop 224); small images are evaluated whole.
+    return image_size if image_size <= 64 else round(image_size * 256 / 224)
+
+
+def build_pipeline(files: list[str], labels: list[int], d: DataConfig, training: bool,
+                   batch: int, device: torch.device, seed: int, checkpoint: bytes | None = None):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device.type == "cuda"
+    # The local device index: under Ray each worker sees its own CUDA_VISIBLE_DEVICES.
+    device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
+    if d.channels not in (1, 3):
+        raise UserError(f"data.channels is {d.channels}; the image pipelines produce 1 (gray) or 3 (RGB)")
+    color = types.RGB if d.channels == 3 else types.GRAY
+    mean = [255 * m for m in d.mean[:d.channels]]
+    std = [255 * s for s in d.std[:d.channels]]
+    size = d.image_size
+
+    @pipeline_def(batch_size=batch, num_threads=d.threads, device_id=device_id, seed=seed,
+                  enable_checkpointing=True)
+    def graph():
+        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
+        decoder = "mixed" if gpu else "cpu"
+        crop, pos_x, pos_y = (size, size), 0.5, 0.5
+        if training and d.random_resized_crop:
+            images = fn.decoders.image_random_crop(
+                jpegs, device=decoder, output_type=color, random_area=list(d.crop_scale),
+                random_aspect_ratio=list(d.crop_ratio), num_attempts=10)
+            images = fn.resize(images, resize_x=size, resize_y=size)
+            crop = None
+        else:
+            images = fn.decoders.image(jpegs, device=decoder, output_type=color)
+            shorter = size if training else (d.eval_resize or default_eval_resize(size))
+            images = fn.resize(images, resize_shorter=shorter)
+            if training:
+                pos_x, pos_y = fn.random.uniform(range=(0, 1)), fn.random.uniform(range=(0, 1))
+        mirror = fn.random.coin_flip(probability=0.5) if training and d.flip else 0
+        images = fn.crop_mirror_normalize(
+            images, dtype=types.FLOAT, output_layout="CHW", crop=crop, crop_pos_x=pos_x,
+            crop_pos_y=pos_y, mean=mean, std=std, mirror=mirror)
+        return images, label
+
+    return graph(checkpoint=checkpoint)
+
+
+class FolderLoader:
+    """One worker's batches of a split: ``(images, labels, valid)`` per step."""
+
+    def __init__(self, index: SplitIndex, d: DataConfig, training: bool, batch: int,
+                 shard_id: int, num_shards: int, device: torch.device, seed: int):
+        self.index, self.cfg, self.training = index, d, training
+        self.batch, self.shard_id, self.num_shards = batch, shard_id, num_shards
+        self.device, self.seed = device, seed
+        self.steps_per_epoch = sharding.steps_per_epoch(len(index.files), num_shards, batch)
+        self.fingerprint = {"samples": len(index.files), "dataset": index.digest(),
+                            "batch": batch, "shard": shard_id, "shards": num_shards}
+        self.epoch, self.step = 0, 0
+        self._restored: bytes | None = None  # checkpoint to resume the current epoch from
+        self._iterator = None                # DALI iterator over the current epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first step; a no-op if it is the current epoch, so that
+        a restored mid-epoch position survives the trainer's set_epoch call."""
+        if epoch != self.epoch:
+            self.epoch, self.step = epoch, 0
+            self._restored = self._iterator = None
+
+    def _open(self):
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        order = sharding.epoch_order(len(self.index.files), self.seed, self.epoch, self.training)
+        indices, self._valid = sharding.shard_layout(order, self.num_shards, self.batch, self.shard_id)
+        files = [self.index.files[i] for i in indices]
+        labels = [self.index.labels[i] for i in indices]
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, self.shard_id]).generate_state(1)[0] >> 1)
+        checkpoint = self._restored if self.step else None
+        pipe = build_pipeline(files, labels, self.cfg, self.training, self.batch, self.device,
+                              seed, checkpoint)
+        # The file list is a whole number of batches, so no last-batch policy ever applies.
+        return DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+                                   last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
+
+    def __iter__(self):
+        """The remaining steps of the current epoch; afterwards the loader is at the next epoch."""
+        if self._iterator is None and self.step < self.steps_per_epoch:
+            self._iterator = self._open()
+        while self.step < self.steps_per_epoch:
+            out = next(self._iterator)[0]
+            valid = self._valid[self.step]
+            self.step += 1
+            labels = out["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
+            yield out["images"], labels, valid
+        self.epoch, self.step = self.epoch + 1, 0
+        self._restored = self._iterator = None
+
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "step": self.step, **self.fingerprint}
+        if 0 < self.step < self.steps_per_epoch:
+            cpt = self._iterator.checkpoints()[0] if self._iterator is not None else self._restored
+            state["dali"] = base64.b64encode(cpt).decode()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        changed = {k: (state.get(k), v) for k, v in self.fingerprint.items() if state.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise UserError(f"the saved data position does not fit this run ({what}); resume with the "
+                            "same dataset, workers and batch size, or start a new run")
+        if 0 < state["step"] < self.steps_per_epoch and "dali" not in state:
+            raise UserError("the saved data position is mid-epoch but lacks its DALI checkpoint; "
+                            "the checkpoint is damaged, resume from another one")
+        self.epoch, self.step = state["epoch"], state["step"]
+        self._restored = base64.b64decode(state["dali"]) if "dali" in state else None
+        self._iterator = None
+
+
+def build_folder_loader(d: DataConfig, split: str, batch: int, shard_id: int, num_shards: int,
+                        device: torch.device, seed: int, training: bool) -> FolderLoader:
+    """The loader of ``split`` ("train" or "val") for worker ``shard_id`` of ``num_shards``.
+
+    ``seed`` is the run seed and must be the same on every worker: it fixes the epoch order
+    that the shards partition."""
+    classes = class_names(d.root, d.train_split)
+    index = index_split(d.root, d.train_split if split == "train" else d.val_split, classes)
+    return FolderLoader(index, d, training, batch, shard_id, num_shards, device, seed)
