@@ -40,6 +40,17 @@ def prepare_data(cfg: config.Config) -> None:
     quick_check(root, cfg.data.train_split, cfg.data.val_split)
 
 
+def worker_device_type(cfg: config.Config) -> str:
+    """The device type the workers will train on, known before they start."""
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    if cfg.distributed.executor == "ray":
+        return "cuda" if cfg.distributed.gpus_per_worker > 0 else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def start_run_dir(cfg: config.Config) -> Path:
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,9 +80,10 @@ def run(args) -> int:
         cfg, notes = smoke.shrink(cfg)
         for note in notes:
             print(f"smoke: {note}", flush=True)
-    from addertrain.engine import batch_split
+    from addertrain.engine import batch_split, check_precision
 
     batch_split(cfg, cfg.distributed.workers)
+    check_precision(cfg, worker_device_type(cfg))
     prepare_data(cfg)
     run_dir = start_run_dir(cfg)
     print(f"run directory: {run_dir}", flush=True)

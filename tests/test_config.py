@@ -1,0 +1,118 @@
+"""Recipes load into the typed tree; every bad value is one clear message and exit code 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from addertrain import config
+from addertrain.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_loads(recipe):
+    cfg = config.load(recipe)
+    assert cfg.train.global_batch % cfg.train.micro_batch == 0
+
+
+def test_imagenet_recipes_follow_the_paper():
+    for name, arch in (("resnet50_imagenet", "resnet50"), ("resnet18_imagenet", "resnet18")):
+        cfg = config.load(ROOT / "recipes" / f"{name}.yaml")
+        assert (cfg.model.arch, cfg.model.conv, cfg.model.num_classes) == (arch, "adder", 1000)
+        assert cfg.schedule.epochs == 150 and cfg.schedule.kind == "cosine"
+        assert cfg.schedule.warmup_epochs == 0
+        assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 1e-4)
+        assert cfg.train.global_batch == 256
+        assert cfg.adder.alr and cfg.adder.eta == 0.2
+        assert (cfg.data.image_size, cfg.data.eval_resize) == (224, 256)
+        assert cfg.data.crop_scale == (0.08, 1.0) and cfg.data.flip
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = config.from_dict(config.apply_overrides(
+        {}, ["optim.lr=0.05", "train.precision=bf16", "data.crop_scale=[0.5, 1.0]",
+             "optim.nesterov=true", "run.name=x"]))
+    assert cfg.optim.lr == 0.05 and cfg.train.precision == "bf16"
+    assert cfg.data.crop_scale == (0.5, 1.0) and cfg.optim.nesterov is True
+    assert cfg.run.name == "x"
+
+
+@pytest.mark.parametrize("tree, expected", [
+    ({"optim": {"lrr": 0.1}}, "unknown key optim.lrr; did you mean optim.lr?"),
+    ({"optimm": {}}, "unknown key optimm; did you mean optim?"),
+    ({"optim": {"lr": -1}}, "optim.lr: Input should be greater than 0"),
+    ({"train": {"precision": "fp8"}}, "train.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+    ({"data": {"image_size": "big"}}, "data.image_size: Input should be a valid integer"),
+    ({"train": {"global_batch": 100, "micro_batch": 64}},
+     "train.global_batch (100) must be a multiple of train.micro_batch (64)"),
+    ({"train": {"global_batch": 64, "micro_batch": 16}, "distributed": {"workers": 3}},
+     "multiple of train.micro_batch x distributed.workers"),
+    ({"data": {"source": "folder"}}, "data.root must name the dataset folder"),
+    ({"schedule": {"epochs": 2, "warmup_epochs": 3}}, "warmup_epochs must be shorter"),
+])
+def test_bad_values_name_the_key(tree, expected):
+    with pytest.raises(UserError) as err:
+        config.from_dict(tree)
+    assert expected in str(err.value)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(UserError, match="must look like key.path=value"):
+        config.apply_overrides({}, ["optim.lr"])
+    with pytest.raises(UserError, match="is a value, not a section"):
+        config.apply_overrides({"run": {"name": "a"}}, ["run.name.x=1"])
+
+
+def test_missing_and_malformed_recipe_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        config.load(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        config.load(bad)
+
+
+def test_resolved_config_round_trips():
+    cfg = config.load(ROOT / "recipes" / "digits.yaml", ["optim.lr=0.2"])
+    again = config.from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+    assert again.digest(("model", "data")) == cfg.digest(("model", "data"))
+    assert again.digest(("optim",)) != config.load(ROOT / "recipes" / "digits.yaml").digest(("optim",))
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "addertrain.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["launch", "recipes/digits.yaml", "optim.lrr=1"], "did you mean optim.lr?"),
+    (["launch", "recipes/missing.yaml"], "does not exist"),
+    (["launch", "recipes/synthetic_tiny.yaml", "train.precision=fp16", "train.device=cpu"],
+     "fp16 needs a CUDA device"),
+    (["launch", "recipes/synthetic_tiny.yaml", "distributed.zero_stage=3"], "zero_stage=3 is not supported"),
+])
+def test_cli_errors_exit_2_without_traceback(args, expected, tmp_path):
+    out = _cli(*args, f"run.dir={tmp_path}")
+    assert out.returncode == 2, out.stderr
+    assert expected in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_help_for_every_command():
+    out = _cli("--help")
+    assert out.returncode == 0 and "launch" in out.stdout and "bench" in out.stdout
+    for args in (["launch"], ["bench", "op"], ["bench", "kernels"], ["bench", "data"],
+                 ["data", "check"], ["data", "digits"], ["data", "fake"]):
+        out = _cli(*args, "--help")
+        assert out.returncode == 0, (args, out.stderr)
+        assert "usage: addertrain " + " ".join(args) in out.stdout
