@@ -56,15 +56,16 @@ class Trainer:
                            if cfg.train.eval_interval else 0)
 
         m = cfg.model
+        self.dtype = DTYPES[cfg.train.precision]
+        # Buffers too (BN statistics): DeepSpeed casts only parameters, and batch_norm wants one dtype.
         model = create_model(m.arch, m.conv, m.num_classes, m.head, m.backend, m.bn_momentum,
-                             cfg.data.channels).to(world.device)
+                             cfg.data.channels).to(world.device, self.dtype)
         o = cfg.optim
         self.optimizer = AdderSGD(param_groups(model, o.weight_decay), lr=o.lr, momentum=o.momentum,
                                   nesterov=o.nesterov, eta=cfg.adder.eta, alr=cfg.adder.alr)
         scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps,
                                     self.steps_per_epoch, o.lr)
         self.engine = ds_engine.initialize(cfg, model, self.optimizer, scheduler, world.world_size)
-        self.dtype = DTYPES[cfg.train.precision]
         self.step = 0
         self.images_seen = 0
         self.log = MetricsLog(self.run_dir, world.is_main)

@@ -1,0 +1,60 @@
+"""The adaptive learning rate against a hand computation, and its place in the SGD update."""
+
+import math
+
+import torch
+
+from addertrain.alr import AdderSGD, param_groups, scales
+from addertrain.models import adder_layers, create_model
+
+
+def test_scales_match_the_formula():
+    sq = torch.tensor([4.0, 0.25, 0.0], dtype=torch.float64)
+    numel = torch.tensor([9.0, 144.0, 10.0], dtype=torch.float64)
+    got = scales(sq, numel, eta=0.2)
+    # 0.2 * sqrt(9) / 2 = 0.3; 0.2 * 12 / 0.5 = 4.8; zero gradient keeps scale 1
+    assert torch.allclose(got, torch.tensor([0.3, 4.8, 1.0], dtype=torch.float64))
+
+
+def test_groups_one_per_adder_layer():
+    model = create_model("resnet20")
+    groups = param_groups(model, weight_decay=5e-4)
+    layers = adder_layers(model)
+    assert len(groups) == len(layers) + 1
+    for g, (name, layer) in zip(groups, layers):
+        assert g["params"] == [layer.weight] and g["alr_numel"] == layer.weight.numel()
+        assert g["name"] == name
+    assert groups[-1]["alr_numel"] == 0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_step_rescales_adder_gradients_only():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=3)
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    layers = adder_layers(model)
+    name, layer = layers[4]
+    g = layer.weight.grad.clone()
+    w0 = layer.weight.detach().clone()
+    stem = model.stem[0].weight
+    stem_g, stem_w0 = stem.grad.clone(), stem.detach().clone()
+
+    lr, wd, eta = 0.1, 1e-3, 0.2
+    opt = AdderSGD(param_groups(model, wd), lr=lr, momentum=0.9, eta=eta)
+    opt.step()
+
+    alpha = eta * math.sqrt(g.numel()) / g.norm().item()
+    assert math.isclose(opt.last_scales[name], alpha, rel_tol=1e-5)
+    # first momentum step: buf = grad; update = lr * (alpha * g + wd * w)
+    assert torch.allclose(layer.weight, w0 - lr * (alpha * g + wd * w0), atol=1e-6)
+    assert torch.allclose(stem, stem_w0 - lr * (stem_g + wd * stem_w0), atol=1e-7)
+
+
+def test_alr_off_is_plain_sgd():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=3)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    layer = adder_layers(model)[0][1]
+    g, w0 = layer.weight.grad.clone(), layer.weight.detach().clone()
+    AdderSGD(param_groups(model, 0.0), lr=0.1, alr=False).step()
+    assert torch.allclose(layer.weight, w0 - 0.1 * g)
