@@ -24,11 +24,11 @@ def add_arguments(p) -> None:
                                      "distributed.ray_address, else an embedded local cluster")
 
 
-def prepare_data(cfg: config.Config) -> None:
+def prepare_data(cfg: config.Config) -> list[str] | None:
     """Build a missing dataset the recipe knows how to make, then check the layout cheaply,
     so a bad dataset stops the run before any worker starts."""
     if cfg.data.source != "folder":
-        return
+        return None
     root = Path(cfg.data.root).expanduser()
     if cfg.data.prepare == "digits" and not root.exists():
         from addertrain.data.digits import prepare_digits
@@ -36,8 +36,15 @@ def prepare_data(cfg: config.Config) -> None:
         print(f"preparing the digits dataset in {root}", flush=True)
         prepare_digits(root, cfg.data.image_size)
     from addertrain.data.check import quick_check
+    from addertrain.data.folder import class_names
 
     quick_check(root, cfg.data.train_split, cfg.data.val_split)
+    classes = class_names(root, cfg.data.train_split)
+    if len(classes) != cfg.model.num_classes:
+        raise UserError(f"{root / cfg.data.train_split} has {len(classes)} class folders but "
+                        f"model.num_classes is {cfg.model.num_classes}; set model.num_classes="
+                        f"{len(classes)} or point data.root at the intended dataset")
+    return classes
 
 
 def worker_device_type(cfg: config.Config) -> str:
@@ -84,8 +91,12 @@ def run(args) -> int:
 
     batch_split(cfg, cfg.distributed.workers)
     check_precision(cfg, worker_device_type(cfg))
-    prepare_data(cfg)
+    classes = prepare_data(cfg)
     run_dir = start_run_dir(cfg)
+    if classes:
+        from addertrain.data.folder import save_class_map
+
+        save_class_map(classes, run_dir)
     print(f"run directory: {run_dir}", flush=True)
     start = time.perf_counter()
     execute(cfg, args.address)
