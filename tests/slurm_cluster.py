@@ -1,0 +1,265 @@
+"""A real single-node Slurm cluster on localhost for the tests.
+
+Debian's munge, slurmctld, slurmd and slurm-client (installed on first use when
+missing and running as root), configured in a private temp dir: munged with its
+own key and socket, ``slurmctld -D`` and ``slurmd -D -N localhost`` as child
+processes that are stopped by PID afterwards. Job processes are tracked by
+process tree (no cgroups), which is what a container or CI machine allows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+PACKAGES = ("slurmctld", "slurmd", "munge", "slurm-client")
+PROGRAMS = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel",
+            "squeue", "sinfo")
+DAEMONS = ("munged", "slurmctld", "slurmscriptd", "slurmd", "slurmstepd")
+NODE = "localhost"
+# Logical CPUs of the test node (config_overrides lets it exceed the real count):
+# enough for a Ray head with two 1-CPU training workers on a 2-core machine.
+NODE_CPUS = max(4, os.cpu_count() or 1)
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def install() -> None:
+    """Install the Debian packages if any program is missing (needs root and apt-get)."""
+    missing = [p for p in PROGRAMS if not shutil.which(p, path=_sbin_path())]
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise ClusterError(
+            f"Slurm programs {missing} are missing; install the Debian packages "
+            f"{' '.join(PACKAGES)} (the tests do it themselves when run as root with apt-get)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode:
+            raise ClusterError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+
+
+def _sbin_path() -> str:
+    return os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def daemon_pids() -> set[int]:
+    """PIDs of every live munge/Slurm daemon process on this machine.
+
+    Zombies do not count: in a container whose PID 1 does not reap, an exited
+    slurmstepd (it daemonizes to PID 1) stays a zombie but holds nothing.
+    """
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+            if comm in DAEMONS and state != "Z":
+                pids.add(int(proc.name))
+    return pids
+
+
+def job_pids(job_id: int | str) -> list[int]:
+    """PIDs of live processes that belong to a Slurm job (SLURM_JOB_ID in their environment).
+
+    Every process of a job inherits it, Ray's raylet, GCS and worker processes included,
+    whatever their command line says.
+    """
+    needle = f"SLURM_JOB_ID={job_id}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in env:
+            pids.append(int(proc.name))
+    return pids
+
+
+class SlurmCluster:
+    """munged + slurmctld + slurmd on localhost; ``env`` points the Slurm clients at it."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="addertrain-slurm-"))
+        # munged wants its socket folder reachable by every client: world-executable.
+        self.dir.chmod(0o755)
+        self.conf = self.dir / "slurm.conf"
+        self.socket = self.dir / "munge" / "munge.socket"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=_sbin_path())
+        for var in [v for v in self.env if v.startswith(("SLURM_", "SBATCH_", "SRUN_"))]:
+            if var != "SLURM_CONF":
+                del self.env[var]
+
+    # -- bring-up ---------------------------------------------------------------------
+    def start(self, timeout: float = 60) -> None:
+        self._before = daemon_pids()
+        try:
+            self._start_munge()
+            self._write_conf()
+            self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
+            self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0,
+                       timeout, "slurmctld to answer scontrol ping")
+            self._spawn("slurmd", ["slurmd", "-D", "-N", NODE, "-f", str(self.conf)])
+            self._wait(lambda: self.node_state() == "idle", timeout, f"node {NODE} to be idle")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_munge(self):
+        d = self.socket.parent
+        d.mkdir(mode=0o755)
+        key = d / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        self._spawn("munged", [
+            "munged", "--foreground", "--force", f"--key-file={key}", f"--socket={self.socket}",
+            f"--pid-file={d / 'munged.pid'}", f"--log-file={self.dir / 'munged.log'}",
+            f"--seed-file={d / 'munged.seed'}", "--num-threads=2"])
+
+        def works():
+            cred = self.run("munge", "-n", "-S", str(self.socket), check=False)
+            return cred.returncode == 0 and subprocess.run(
+                ["unmunge", "-S", str(self.socket)], input=cred.stdout, capture_output=True,
+                text=True).returncode == 0
+        self._wait(works, 30, "munged to encode and decode a credential")
+
+    def _write_conf(self):
+        for sub in ("state", "spool"):
+            (self.dir / sub).mkdir()
+        d = self.dir
+        self.conf.write_text(f"""\
+ClusterName=addertrain-test
+SlurmctldHost={NODE}
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.socket}
+StateSaveLocation={d / 'state'}
+SlurmdSpoolDir={d / 'spool'}
+SlurmctldPidFile={d / 'slurmctld.pid'}
+SlurmdPidFile={d / 'slurmd.pid'}
+SlurmctldLogFile={d / 'slurmctld.log'}
+SlurmdLogFile={d / 'slurmd.log'}
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+SlurmdParameters=config_overrides
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SwitchType=switch/none
+ReturnToService=2
+JobRequeue=1
+KillWait=10
+MinJobAge=600
+NodeName={NODE} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} State=UNKNOWN
+PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+""")
+
+    def _spawn(self, name, cmd):
+        log = open(self.dir / f"{name}.out", "wb")
+        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        log.close()
+
+    def _wait(self, ready, timeout, what):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise ClusterError(f"{name} exited with {p.returncode} while waiting for "
+                                       f"{what}\n{self.logs()}")
+            if ready():
+                return
+            time.sleep(0.3)
+        raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
+
+    # -- use ----------------------------------------------------------------------------
+    def run(self, *cmd, check=True, **kw) -> subprocess.CompletedProcess:
+        r = subprocess.run(cmd, env=kw.pop("env", self.env), capture_output=True, text=True, **kw)
+        if check and r.returncode:
+            raise ClusterError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+        return r
+
+    def node_state(self) -> str:
+        r = self.run("sinfo", "-h", "-N", "-n", NODE, "-o", "%T", check=False)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    def job(self, job_id) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, ...); {} once purged."""
+        r = self.run("scontrol", "show", "job", "-o", str(job_id), check=False)
+        if r.returncode:
+            return {}
+        fields = {}
+        for item in r.stdout.split():
+            key, sep, value = item.partition("=")
+            if sep:
+                fields[key] = value
+        return fields
+
+    def logs(self, tail: int = 3000) -> str:
+        out = []
+        for name in ("munged.log", "slurmctld.log", "slurmd.log", "slurmctld.out", "slurmd.out"):
+            p = self.dir / name
+            if p.exists():
+                out.append(f"--- {name}\n{p.read_text(errors='replace')[-tail:]}")
+        return "\n".join(out)
+
+    # -- teardown -----------------------------------------------------------------------
+    def stop(self) -> list[int]:
+        """Cancel every job, stop the daemons by PID; returns the daemon PIDs still alive."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            self.run("scancel", "--user", "root", check=False, timeout=30)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and self.run(
+                    "squeue", "-h", check=False, timeout=30).stdout.strip():
+                time.sleep(0.5)
+        for name in ("slurmd", "slurmctld", "munged"):
+            p = self.procs.get(name)
+            if p is None or p.poll() is not None:
+                continue
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        # slurmstepd daemonizes away from slurmd: only the before/after difference finds it
+        left = sorted(daemon_pids() - getattr(self, "_before", set()))
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return left
