@@ -8,6 +8,7 @@ an embedded single-node cluster is started for the run and stopped after it.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,19 @@ def worker_env_vars(cfg: Config) -> dict[str, str]:
     return env
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Ray retries an unreachable address for minutes; a plain TCP connect answers in seconds."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"Ray address {address!r} must look like host:port (or 'auto' inside a "
+                        "Ray or Slurm allocation)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(f"nothing answers at the Ray address {address} ({e.strerror or e}); start the "
+                        "cluster first (ray start --head, or slurm/submit.sh) or fix the address") from None
+
+
 def _connect(address: str | None, cfg: Config) -> bool:
     """Join ``address`` or start an embedded cluster; True when we started it."""
     import ray
@@ -36,6 +50,8 @@ def _connect(address: str | None, cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        if address != "auto":
+            _check_reachable(address)
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         except Exception as e:  # Ray raises several types for a refused or unauthenticated join
@@ -82,6 +98,7 @@ def run(cfg: Config, address: str | None) -> None:
     try:
         _check_resources(cfg)
         d = cfg.distributed
+        run_dir = Path(cfg.run_dir()).resolve()
         use_gpu = d.gpus_per_worker > 0
         resources = {"CPU": d.cpus_per_worker}
         if use_gpu:
@@ -92,8 +109,10 @@ def run(cfg: Config, address: str | None) -> None:
             scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            # The run directory is the Ray experiment directory, so the checkpoints the
+            # workers report from run_dir/checkpoints are Ray's without a copy.
             run_config=RunConfig(
-                name="ray", storage_path=str(Path(cfg.run_dir()).resolve()),
+                name=run_dir.name, storage_path=str(run_dir.parent),
                 failure_config=FailureConfig(max_failures=d.max_failures),
                 worker_runtime_env={"env_vars": worker_env_vars(cfg)}),
         )

@@ -1,6 +1,8 @@
 """Test settings: the CPU path runs the real Triton (interpreter), DeepSpeed (gloo) and DALI code."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One embedded Ray cluster for the session; executors in this process reuse it."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _temp_dir=temp)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
