@@ -20,13 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_args, column_waste_pruner, output, padded_columns, tile_configs
+from .launch import autotune, check_args, load_flat, output, padded_columns, store_flat
 
-# (TM, TN, GM, GN, BK, num_warps). Each thread also keeps its x tile: 2*TM*TN live values.
+# (TM, TN, GM, GN, BK, num_warps[, maxnreg]). Each thread also keeps its x tile: 2*TM*TN live
+# values, so the tiles are half the forward's.
 TILES = [
-    (4, 16, 16, 8, 2, 4),   # 64 pixels x 128 channels
-    (4, 16, 32, 4, 2, 4),   # 128 x 64: C_in = 64 layers
-    (4, 8, 16, 8, 2, 4),    # 64 x 64: more programs for the small late-stage layers
+    (4, 16, 16, 8, 2, 4),        # 64 pixels x 128 channels: 226 registers, 8 warps per SM
+    (4, 16, 32, 4, 2, 4),        # 128 x 64: C_in = 64 layers
+    (4, 8, 16, 8, 2, 4, 128),    # 64 x 64 at 16 warps per SM: small late-stage grids, C_in = 64
 ]
 INTERPRETER_TILE = (2, 4, 8, 16, 2, 4)
 
@@ -41,7 +42,7 @@ def _accumulate(acc, gsum, gs, goff, valid, bs, cols, xh, MASKED: tl.constexpr):
     ptxas turns ``min(max(b - x/2, 0), 1)`` into one FFMA.SAT (x/2 folded in): two FP32
     instructions per element with the FFMA by g.
     """
-    gv = tl.load(gs + goff).to(tl.float32)
+    gv = load_flat(gs + goff).to(tl.float32)
     if MASKED:
         gv = tl.where(valid, gv, 0.0)
     bv = tl.load(bs + cols)
@@ -49,9 +50,7 @@ def _accumulate(acc, gsum, gs, goff, valid, bs, cols, xh, MASKED: tl.constexpr):
     return acc + gv[:, None, :] * sat, gsum + gv
 
 
-@triton.autotune(configs=tile_configs(TILES, INTERPRETER_TILE),
-                 key=["N", "C", "H", "W", "O", "KH", "STRIDE", "PAD"],
-                 prune_configs_by={"early_config_prune": column_waste_pruner("C")})
+@autotune(TILES, INTERPRETER_TILE, "C")
 @triton.jit(do_not_specialize=SHAPE_ARGS)
 def _grad_input_kernel(g_ptr, x_ptr, b_ptr, gx_ptr, N, C, H, W, O, OH, OW, CP,
                        sgn, sgo, sgh, sgw, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
@@ -76,7 +75,7 @@ def _grad_input_kernel(g_ptr, x_ptr, b_ptr, gx_ptr, N, C, H, W, O, OH, OW, CP,
         h = ph + STRIDE * i
         w = pw + STRIDE * j
         xoff = (n * sxn + h * sxh + w * sxw)[:, None, :] + (cc * sxc)[None, :, :]
-        xh = 0.5 * tl.load(x_ptr + xoff).to(tl.float32)
+        xh = 0.5 * load_flat(x_ptr + xoff).to(tl.float32)
         acc = tl.zeros([TM, TN, GM * GN], tl.float32)
         gsum = tl.zeros([TM, GM * GN], tl.float32)
         o_full = O - O % BK
@@ -102,7 +101,7 @@ def _grad_input_kernel(g_ptr, x_ptr, b_ptr, gx_ptr, N, C, H, W, O, OH, OW, CP,
         gx = 2.0 * acc - gsum[:, None, :]
         doff = (n * sdn + h * sdh + w * sdw)[:, None, :] + (cc * sdc)[None, :, :]
         keep = (rows < mc)[:, None, :] & (cols < C)[None, :, :]
-        tl.store(gx_ptr + doff, gx.to(gx_ptr.dtype.element_ty), mask=keep)
+        store_flat(gx_ptr + doff, gx.to(gx_ptr.dtype.element_ty), keep)
 
 
 def half_weight_table(w: torch.Tensor) -> torch.Tensor:

@@ -12,14 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_args, column_waste_pruner, output, padded_columns, tile_configs
+from .launch import autotune, check_args, load_flat, output, padded_columns, store_flat
 
-# (TM, TN, GM, GN, BK, num_warps): see tile_configs. TN >= TM because a weight load costs one
-# instruction (immediate offsets) and an input load about four (64-bit address, padding select).
+# (TM, TN, GM, GN, BK, num_warps[, maxnreg]): see tile_configs. TN >= TM because a weight load
+# costs one instruction (immediate offsets) and an input load about three (address, padding
+# select). Registers and hot-loop mix per config (sm_90, Triton 3.6): docs/kernels.md.
 TILES = [
-    (8, 16, 16, 8, 2, 4),   # 128 pixels x 128 channels
-    (8, 16, 32, 4, 2, 4),   # 256 x 64: C_out = 64 layers
-    (4, 16, 16, 8, 2, 4),   # 64 x 128: more programs for the small late-stage layers
+    (8, 16, 16, 8, 2, 4),        # 128 pixels x 128 channels: fewest instructions per element
+    (8, 16, 32, 4, 2, 4),        # 256 x 64: C_out = 64 layers
+    (4, 16, 16, 8, 2, 4),        # 64 x 128: 166 registers, 12 warps per SM
+    (4, 16, 16, 8, 2, 4, 128),   # the same capped at 128 registers: 16 warps per SM
+    (4, 16, 32, 4, 2, 4, 128),   # 128 x 64 at 16 warps per SM: C_out = 64 layers
+    (4, 8, 16, 8, 2, 4),         # 64 x 64, 96 registers, 20 warps per SM: the 7x7 stage-4 grids
 ]
 INTERPRETER_TILE = (2, 4, 8, 16, 2, 4)   # 16 x 64 tiles: few programs, still tails in tests
 
@@ -30,16 +34,14 @@ SHAPE_ARGS = ["N", "C", "H", "W", "O", "OH", "OW", "OP",
 @triton.jit
 def _accumulate(acc, xs, xoff, inside, ws, cols, PAD: tl.constexpr):
     """acc += |x - w| for one input channel of one kernel tap (an outer-difference tile)."""
-    xv = tl.load(xs + xoff).to(tl.float32)
+    xv = load_flat(xs + xoff).to(tl.float32)
     if PAD > 0:
         xv = tl.where(inside, xv, 0.0)
     wv = tl.load(ws + cols).to(tl.float32)
     return acc + tl.abs(xv[:, None, :] - wv[None, :, :])
 
 
-@triton.autotune(configs=tile_configs(TILES, INTERPRETER_TILE),
-                 key=["N", "C", "H", "W", "O", "KH", "STRIDE", "PAD"],
-                 prune_configs_by={"early_config_prune": column_waste_pruner("O")})
+@autotune(TILES, INTERPRETER_TILE, "O")
 @triton.jit(do_not_specialize=SHAPE_ARGS)
 def _forward_kernel(x_ptr, w_ptr, y_ptr, N, C, H, W, O, OH, OW, OP,
                     sxn, sxc, sxh, sxw, syn, syo, syh, syw,
@@ -80,7 +82,7 @@ def _forward_kernel(x_ptr, w_ptr, y_ptr, N, C, H, W, O, OH, OW, OP,
                 ws += OP
     yoff = (n * syn + oh * syh + ow * syw)[:, None, :] + (cols * syo)[None, :, :]
     keep = (rows < M)[:, None, :] & (cols < O)[None, :, :]
-    tl.store(y_ptr + yoff, (-acc).to(y_ptr.dtype.element_ty), mask=keep)
+    store_flat(y_ptr + yoff, (-acc).to(y_ptr.dtype.element_ty), keep)
 
 
 def weight_columns(w: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from addertrain.errors import UserError
 
@@ -83,21 +84,42 @@ def padded_columns(n: int) -> int:
     return -(-n // COLUMN_PAD) * COLUMN_PAD
 
 
-def tile_configs(shapes: list[tuple[int, int, int, int, int, int]], small) -> list[triton.Config]:
-    """Autotune configs from (TM, TN, GM, GN, BK, num_warps) tuples; one small config when interpreting.
+def tile_configs(shapes: list[tuple], small: tuple) -> list[triton.Config]:
+    """Autotune configs from (TM, TN, GM, GN, BK, num_warps[, maxnreg]) tuples; one small config
+    when interpreting.
 
     A program owns a (TM*GM) x (TN*GN) output tile; its GM*GN threads each hold a TM x TN
-    register tile (see docs/kernels.md). The interpreter gets ``small`` only, so tests run
-    each kernel once per call and cover tiles that do not divide the problem.
+    register tile (see docs/kernels.md). ``maxnreg`` caps the registers per thread so more
+    warps fit on an SM (the compiler then keeps spills out of the hot loop or the config
+    loses the autotuning). The interpreter gets ``small`` only, so tests run each kernel once
+    per call and cover tiles that do not divide the problem.
     """
     if not INTERPRET:
         # One thread per position of the last (GM*GN) axis: no wrap-around in the layout.
-        assert all(gm * gn == 32 * warps and tn * gn <= COLUMN_PAD for _, tn, gm, gn, _, warps in shapes)
+        assert all(s[2] * s[3] == 32 * s[5] and s[1] * s[3] <= COLUMN_PAD for s in shapes)
     configs = []
-    for tm, tn, gm, gn, bk, warps in [small] if INTERPRET else shapes:
-        configs.append(triton.Config(dict(TM=tm, TN=tn, GM=gm, GN=gn, BK=bk),
-                                     num_warps=warps, num_stages=1))
+    for tm, tn, gm, gn, bk, warps, *cap in [small] if INTERPRET else shapes:
+        configs.append(triton.Config(dict(TM=tm, TN=tn, GM=gm, GN=gn, BK=bk), num_warps=warps,
+                                     num_stages=1, maxnreg=cap[0] if cap else None))
     return configs
+
+
+def _quick_bench(kernel_call, quantiles):
+    """The autotuner's timing, shortened from 25 + 100 ms per config to 5 + 25 ms: the
+    configs differ by tens of percent, and the GPU check compiles and times every config of
+    every test shape within its time limit."""
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def autotune(tiles: list[tuple], small: tuple, columns_arg: str):
+    """The autotuning decorator both Triton kernels use: keyed on the problem shape, configs
+    from ``tiles``, pruned by ``column_waste_pruner(columns_arg)``."""
+    return triton.autotune(configs=tile_configs(tiles, small),
+                           key=["N", "C", "H", "W", "O", "KH", "STRIDE", "PAD"],
+                           prune_configs_by={"early_config_prune": column_waste_pruner(columns_arg)},
+                           do_bench=_quick_bench)
 
 
 def column_waste_pruner(columns_arg: str):
@@ -118,3 +140,24 @@ def column_waste_pruner(columns_arg: str):
 
     return prune
 
+
+
+@triton.jit
+def load_flat(ptrs):
+    """``tl.load(ptrs)`` through a 1-D view.
+
+    Triton's coalescing pass picks a load's layout from the address contiguity it can prove;
+    with runtime strides it can prove none, and for a 2-D/3-D tile Triton 3.6 (the GPU
+    machine's) then orders the axes first-to-last, against the thread axis (the last) of the
+    accumulator. Every use became a shared-memory round trip with barriers inside the hot
+    loop. A 1-D load has only one order, and its reshape back lands on the accumulator's.
+    """
+    return tl.reshape(tl.load(tl.reshape(ptrs, [ptrs.numel])), ptrs.shape)
+
+
+@triton.jit
+def store_flat(ptrs, values, mask):
+    """``tl.store`` through a 1-D view, for the reason given in ``load_flat``: a 3-D store
+    with unprovable contiguity would otherwise pull the accumulator into its layout."""
+    tl.store(tl.reshape(ptrs, [ptrs.numel]), tl.reshape(values, [ptrs.numel]),
+             mask=tl.reshape(mask, [ptrs.numel]))

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 FP32_OPS = ("FADD", "FFMA", "FMUL")
+SHARED_OPS = ("LDS", "STS", "STSM", "LDSM", "BAR")
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)([^;]*);")
 
 
@@ -36,7 +37,8 @@ def _target():
     return GPUTarget("cuda", 90, 32)
 
 
-def compile_sass(jit_fn, constexprs: dict, num_warps: int, dtype: str = "fp32") -> tuple[str, str]:
+def compile_sass(jit_fn, constexprs: dict, num_warps: int, dtype: str = "fp32",
+                 maxnreg: int | None = None) -> tuple[str, str]:
     """(resource usage, SASS) of ``jit_fn`` with pointers of ``dtype`` and int32 scalars."""
     import triton
     from triton.compiler import ASTSource
@@ -45,7 +47,8 @@ def compile_sass(jit_fn, constexprs: dict, num_warps: int, dtype: str = "fp32") 
                         f"*{dtype}" if name.endswith("_ptr") else "i32")
                  for name in jit_fn.arg_names}
     compiled = triton.compile(ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs),
-                              target=_target(), options={"num_warps": num_warps, "num_stages": 1})
+                              target=_target(), options={"num_warps": num_warps, "num_stages": 1,
+                                                         **({"maxnreg": maxnreg} if maxnreg else {})})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -90,6 +93,8 @@ def summarize(usage: str, sass: str, num_warps: int) -> dict:
         "loop_instructions": total, "loop_fp32": fp32,
         "loop_fp32_fraction": fp32 / total if total else None,
         "loop_loads": loop["LDG"], "loop_spill_ops": loop["LDL"] + loop["STL"],
+        # layout conversions through shared memory: what held grad_input at 10-16% in run 1
+        "loop_shared_ops": sum(loop[o] for o in SHARED_OPS),
         "loop_top_ops": dict(loop.most_common(8)),
     }
 
@@ -97,5 +102,5 @@ def summarize(usage: str, sass: str, num_warps: int) -> dict:
 def config_report(jit_fn, config, variant: dict, dtype: str = "fp32") -> dict:
     """Compile one autotune ``config`` for one shape ``variant`` (its constexprs) and summarize."""
     constexprs = {**variant, **config.kwargs}
-    usage, sass = compile_sass(jit_fn, constexprs, config.num_warps, dtype)
+    usage, sass = compile_sass(jit_fn, constexprs, config.num_warps, dtype, config.maxnreg)
     return summarize(usage, sass, config.num_warps)

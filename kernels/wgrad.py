@@ -29,6 +29,60 @@ def _ieee_fp32():
         torch.backends.cudnn.allow_tf32 = previous
 
 
+# cuDNN's choice for an fp32 3x3 stride-1 weight gradient with TF32 off is Winograd (nonfused)
+# on these shapes; its workspace, read off the first H200 run (docs/performance.md: four 3x3
+# stride-1 layers, within 5%), is 4 bytes x 36 x ((C + O) x 4x4-output tiles per image x N
+# + O x C): up to 4.5x the size of x, which doubled the layer's peak memory against conv2d.
+# The GEMM term is therefore computed on slices of the batch and of the output channels
+# (exact: the term is a sum over the batch and separable over o) so that this estimate stays
+# below the bytes of x, g and w together, in at most MAX_CALLS cuDNN calls; batch slices are
+# preferred (output-channel slices copy their part of g).
+WINOGRAD_TILE = 4
+SPLITS = (1, 2, 4, 8)
+MAX_CALLS = 8
+
+
+def _winograd_bytes(n: int, c: int, o: int, oh: int, ow: int) -> int:
+    tiles = -(-oh // WINOGRAD_TILE) * -(-ow // WINOGRAD_TILE)
+    return 4 * 36 * ((c + o) * tiles * n + o * c)
+
+
+def gemm_splits(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, stride: int) -> tuple[int, int]:
+    """(batch slices, output-channel slices) for the GEMM term: (1, 1) unless the layer is one
+    where cuDNN takes Winograd's workspace (fp32, 3x3, stride 1) and that would exceed the budget."""
+    n, c, _, _ = x.shape
+    o, _, k, _ = w.shape
+    oh, ow = g.shape[2:]
+    if not (x.dtype == torch.float32 and k == 3 and stride == 1):
+        return 1, 1
+    budget = (x.numel() + g.numel() + w.numel()) * 4
+    options = [(b, q) for b in SPLITS for q in SPLITS if b <= n and q <= o and b * q <= MAX_CALLS]
+    need = {(b, q): _winograd_bytes(-(-n // b), c, -(-o // q), oh, ow) for b, q in options}
+    fitting = [bq for bq in options if need[bq] <= budget]
+    if not fitting:
+        return min(options, key=lambda bq: need[bq])
+    return min(fitting, key=lambda bq: (bq[0] * bq[1], bq[1]))
+
+
+def _gemm_term(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int,
+               dest: torch.Tensor) -> None:
+    """Writes ``sum_p g[o,p] * x_col[k,p]`` (a convolution's weight gradient) into ``dest``,
+    slice by slice; cuDNN computes in x's dtype."""
+    batch_split, out_split = gemm_splits(x, g, w, stride)
+    o, c, k, _ = w.shape
+    for o_part in torch.arange(o).tensor_split(out_split):
+        o0, o1 = int(o_part[0]), int(o_part[-1]) + 1
+        # Only its shape is read: an expanded scalar, as torch.nn.grad.conv2d_weight does.
+        shape_only = x.new_empty(1).expand(o1 - o0, c, k, k)
+        part = None
+        for xs, gs in zip(x.tensor_split(batch_split), g[:, o0:o1].tensor_split(batch_split)):
+            _, gemm, _ = torch.ops.aten.convolution_backward(
+                gs, xs, shape_only, None, [stride, stride], [padding, padding], [1, 1],
+                False, [0, 0], 1, [False, True, False])
+            part = gemm if part is None else part.add_(gemm)
+        dest[o0:o1] = part
+
+
 def grad_weight(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_p g * (x_col - w)`` in w's dtype; the GEMM term in x's dtype with fp32 accumulation."""
@@ -38,12 +92,13 @@ def grad_weight(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, 
         raise ValueError(f"g must be {(n, o, oh, ow)}, got {tuple(g.shape)}")
     gw = output(w.shape, w, w.dtype, out)
     g = g.to(x.dtype)
-    # Only its shape is read: an expanded scalar, as torch.nn.grad.conv2d_weight does.
-    shape_only = x.new_empty(1).expand(w.shape)
+    # The GEMM term goes straight into gw when both are fp32, else through one fp32 tensor;
+    # the correction is applied in place: no other w-sized temporary.
+    gemm = gw if gw.dtype == x.dtype == torch.float32 else torch.empty(w.shape, device=w.device, dtype=x.dtype)
     with _ieee_fp32():
-        _, gemm, _ = torch.ops.aten.convolution_backward(
-            g, x, shape_only, None, [stride, stride], [padding, padding], [1, 1],
-            False, [0, 0], 1, [False, True, False])
+        _gemm_term(g, x, w, stride, padding, gemm)
     gsum = g.sum(dim=(0, 2, 3), dtype=torch.float32)
-    gw.copy_(gemm.float().sub_(w.float() * gsum[:, None, None, None]))
+    gemm = gemm.float().addcmul_(w.float(), gsum[:, None, None, None], value=-1)
+    if gemm is not gw:
+        gw.copy_(gemm)
     return gw

@@ -10,7 +10,9 @@
 # Without a GPU it runs only what the CPU can: the kernel tests and `bench kernels --quick`
 # under the Triton interpreter, and the compiler report (ahead-of-time compile for sm_90).
 # Every section has its own time limit and a failure never stops the next one; the whole
-# run stops starting sections at GPU_CHECK_TOTAL_S seconds (default 480).
+# run stops starting sections at GPU_CHECK_TOTAL_S seconds (default 480). Run 1 took 239 s
+# (kernel tests 93 s); run 2 compiles 5 forward configs instead of 3 and times each for
+# 30 ms instead of 125 ms, so about 270 s is expected.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -61,7 +63,7 @@ if [ "$GPU" = 1 ]; then
         nvidia-smi -L; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
         PYTHONPATH=$SITE $PY -c 'import addertrain.kernels, addertrain.launch, deepspeed, pydantic; print(\"deepspeed\", deepspeed.__version__)'"
     export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-    section kernel-tests 100 "$PY -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee -a $TESTS"
+    section kernel-tests 150 "$PY -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee -a $TESTS"
     section bench-kernels 170 "$CLI bench kernels --batch 64 --network-batch 64 --network-budget 15 \
         --json $OUT/bench_kernels.json 2>&1 | tee $OUT/bench_kernels.txt"
     # Training smoke: ResNet-50 AdderNet, batch 32 at 224, 8 steps through DeepSpeed on one GPU.
@@ -74,5 +76,5 @@ else
     section kernel-tests 300 "TRITON_INTERPRET=1 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee -a $TESTS"
     section bench-kernels 200 "TRITON_INTERPRET=1 $CLI bench kernels --quick --json $OUT/bench_kernels.json 2>&1 | tee $OUT/bench_kernels.txt"
 fi
-section compiler-report 40 "env -u TRITON_INTERPRET $CLI bench kernels --compiler-report --json $OUT/compiler_report.json"
+section compiler-report 60 "env -u TRITON_INTERPRET $CLI bench kernels --compiler-report --json $OUT/compiler_report.json"
 echo "total $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"

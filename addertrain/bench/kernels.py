@@ -141,7 +141,8 @@ def _autotuned_config(op: str) -> str | None:
     config = getattr(kernel, "best_config", None)
     if config is None:
         return None
-    return " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" warps={config.num_warps}"
+    return (" ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" warps={config.num_warps}"
+            + (f" maxnreg={config.maxnreg}" if config.maxnreg else ""))
 
 
 def _tensors(shape, dtype, device, batch=None):
@@ -405,19 +406,20 @@ def compiler_report() -> list[dict]:
             for vname, variant in variants.items():
                 r = report.config_report(kernel.fn, config, variant)
                 rows.append({"op": op, "variant": vname, "config": dict(config.kwargs),
-                             "num_warps": config.num_warps, **r})
+                             "num_warps": config.num_warps, "maxnreg": config.maxnreg, **r})
     return rows
 
 
 def format_compiler_report(rows: list[dict]) -> str:
-    lines = [f"{'op':<11} {'variant':<10} {'TM TN GM GN BK w':<18} {'regs':>4} {'stack':>5} "
-             f"{'warps/SM':>8} {'loop ins':>8} {'FP32':>5} {'FP32 %':>6} {'LDG':>4} {'spill':>5}"]
+    lines = [f"{'op':<11} {'variant':<10} {'TM TN GM GN BK w cap':<22} {'regs':>4} {'stack':>5} "
+             f"{'warps/SM':>8} {'loop ins':>8} {'FP32':>5} {'FP32 %':>6} {'LDG':>4} {'smem':>4} {'spill':>5}"]
     for r in rows:
         c = r["config"]
-        tiles = f"{c['TM']} {c['TN']} {c['GM']} {c['GN']} {c['BK']} {r['num_warps']}"
-        lines.append(f"{r['op']:<11} {r['variant']:<10} {tiles:<18} {r['registers']:>4} {r['stack_bytes']:>5} "
+        tiles = f"{c['TM']} {c['TN']} {c['GM']} {c['GN']} {c['BK']} {r['num_warps']} {r.get('maxnreg') or '-'}"
+        lines.append(f"{r['op']:<11} {r['variant']:<10} {tiles:<22} {r['registers']:>4} {r['stack_bytes']:>5} "
                      f"{_fmt(r['resident_warps_per_sm'], 'd'):>8} {r['loop_instructions']:>8} {r['loop_fp32']:>5} "
-                     f"{_fmt(r['loop_fp32_fraction'], '.0%'):>6} {r['loop_loads']:>4} {r['loop_spill_ops']:>5}")
+                     f"{_fmt(r['loop_fp32_fraction'], '.0%'):>6} {r['loop_loads']:>4} {r['loop_shared_ops']:>4} "
+                     f"{r['loop_spill_ops']:>5}")
     return "\n".join(lines)
 
 
