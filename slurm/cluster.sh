@@ -10,7 +10,7 @@
 #   head_step[] worker_step[]  the srun commands that start Ray on the head and on the workers
 #   stop_step[]                the srun command that stops Ray on every node
 # Settings (environment): ADDERTRAIN_HEAD_IP, ADDERTRAIN_PORT_MIN/_MAX/_BLOCK,
-# ADDERTRAIN_RAY_TMP, ADDERTRAIN_JOB_STATE, ADDERTRAIN_RAY_DASHBOARD (docs/slurm.md).
+# ADDERTRAIN_RAY_TMP, ADDERTRAIN_JOB_STATE, ADDERTRAIN_RAY_DASHBOARD (README: Running on a Slurm cluster).
 
 slurm_dir=${slurm_dir:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 
