@@ -10,6 +10,8 @@ across ranks as one small vector.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -46,7 +48,10 @@ class AdderSGD(torch.optim.SGD):
     def __init__(self, groups, lr, momentum=0.0, nesterov=False, eta=0.2, alr=True):
         super().__init__(groups, lr=lr, momentum=momentum, nesterov=nesterov)
         self.eta, self.alr = eta, alr
-        self.last_scales: dict[str, float] = {}
+        self._last: tuple[list[str], torch.Tensor] | None = None
+        # cost of the last ALR pass (norms, the cross-rank sum when sharded, rescaling)
+        self.last_seconds = 0.0
+        self.last_reduced_bytes = 0
 
     def _alr_groups(self):
         return [g for g in self.param_groups if g.get("alr_numel", 0) > 0]
@@ -63,19 +68,39 @@ class AdderSGD(torch.optim.SGD):
         groups = self._alr_groups()
         if not (self.alr and groups):
             return
+        start = time.perf_counter()
         grads = [[p.grad for p in g["params"] if p.grad is not None] for g in groups]
         device = next(p for g in groups for p in g["params"]).device
         sq = torch.stack([
             sum((t.float().pow(2).sum() for t in gs), torch.zeros((), device=device))
             for gs in grads])
+        self.last_reduced_bytes = 0
         if self._sharded(groups):
             dist.all_reduce(sq)
+            self.last_reduced_bytes = sq.numel() * sq.element_size()
         numels = torch.tensor([g["alr_numel"] for g in groups], dtype=sq.dtype, device=sq.device)
         alpha = scales(sq, numels, self.eta)
         for gs, a in zip(grads, alpha):
             for t in gs:
                 t.mul_(a.to(t.dtype))
-        self.last_scales = {g["name"]: float(a) for g, a in zip(groups, alpha.cpu())}
+        # kept on the device: reading it every step would synchronise the GPU
+        self._last = ([g["name"] for g in groups], alpha)
+        self.last_seconds = time.perf_counter() - start
+
+    @property
+    def last_scales(self) -> dict[str, float]:
+        if self._last is None:
+            return {}
+        names, alpha = self._last
+        return dict(zip(names, alpha.tolist()))
+
+    def summary(self) -> dict:
+        """For the metrics log: the range of the scales and what the last pass cost."""
+        s = list(self.last_scales.values())
+        if not s:
+            return {}
+        return {"min": min(s), "max": max(s), "ms": 1e3 * self.last_seconds,
+                "reduced_bytes": self.last_reduced_bytes}
 
     def step(self, closure=None):
         self.apply_alr()
