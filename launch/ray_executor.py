@@ -19,7 +19,9 @@ from addertrain.errors import UserError
 def worker_env_vars(cfg: Config) -> dict[str, str]:
     """Environment every worker needs before DeepSpeed, DALI or NCCL are imported."""
     env = {"TORCH_EXTENSIONS_DIR": os.environ.get(
-        "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/addertrain/torch_extensions"))}
+               "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/addertrain/torch_extensions")),
+           # Ray Train's print patch tees into Ray's own stdout capture: every line twice
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if cfg.distributed.gpus_per_worker == 0:
         env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
