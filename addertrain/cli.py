@@ -15,6 +15,8 @@ from addertrain.errors import UserError
 # (group, name) -> module; group None means a top-level command.
 COMMANDS = {
     (None, "launch"): "addertrain.launch.command",
+    (None, "export"): "addertrain.export",
+    (None, "eval"): "addertrain.evaluate",
     ("bench", "op"): "addertrain.bench.op",
     ("bench", "kernels"): "addertrain.bench.kernels",
     ("bench", "data"): "addertrain.bench.data",

@@ -133,6 +133,9 @@ class CheckpointConfig(Section):
     interval_minutes: Optional[float] = Field(None, gt=0)
     keep_last: int = Field(2, ge=1)
     keep_best: int = Field(1, ge=0)
+    # the checkpoint this launch starts from (set by `addertrain launch --resume`); a restart
+    # after a failure continues from the run directory's latest checkpoint instead
+    resume: Optional[str] = None
 
 
 class LoggingConfig(Section):

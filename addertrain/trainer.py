@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import resource
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 
 from addertrain import distributed, engine as ds_engine
 from addertrain.alr import AdderSGD, param_groups
+from addertrain.checkpoint import Checkpointer, RNGState
 from addertrain.config import Config
 from addertrain.data import build_loader
 from addertrain.metrics import MetricsLog, Progress, plot
@@ -68,8 +71,12 @@ class Trainer:
         self.engine = ds_engine.initialize(cfg, model, self.optimizer, scheduler, world.world_size)
         self.step = 0
         self.images_seen = 0
+        self.last_eval: dict = {}
         self.log = MetricsLog(self.run_dir, world.is_main)
         self.progress = Progress(self.total_steps, world.is_main and cfg.logging.progress)
+        # Everything a continuation needs besides the engine (model, optimizer, schedule).
+        self.checkpointer = Checkpointer(cfg, world, self.engine, {
+            "progress": self, "rng": RNGState(), "train_data": self.train_data})
 
     # -- the step -------------------------------------------------------------
     def train_step(self, micro_batches) -> float:
@@ -88,58 +95,90 @@ class Trainer:
         return total.item()
 
     # -- evaluation -----------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict:
         self.engine.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.world.device)  # loss, top1, top5, n
-        for images, labels, valid in self.val_data:
-            logits = self.engine(images.to(self.dtype)).float()[:valid]
-            labels = labels[:valid]
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top5 == labels[:, None]
-            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
-                                 hits[:, 0].sum(), hits.any(1).sum(),
-                                 torch.tensor(valid, device=logits.device)]).double()
+        sums = eval_sums(self.engine, self.val_data, self.dtype, self.world.device)
         self.engine.train()
         if self.world.world_size > 1:
             dist.all_reduce(sums)
-        loss, top1, top5, n = sums.tolist()
-        return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "samples": int(n)}
+        return eval_summary(sums)
+
+    # -- state (one part of every checkpoint) ---------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "images_seen": self.images_seen, "eval": self.last_eval}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.images_seen, self.last_eval = state["step"], state["images_seen"], state["eval"]
+
+    def resume(self, path: Path) -> None:
+        meta = self.checkpointer.load(path)
+        epoch, into = divmod(self.step, self.steps_per_epoch)
+        if meta["world_size"] != self.world.world_size:
+            # Replicated state over a global data order (checkpoint.check_world): the data
+            # position follows from the step alone, counted in this run's micro-batches.
+            self.train_data.load_state_dict({"epoch": epoch, "step": into * self.accum})
+        if into == 0:  # the checkpoint ended an epoch (the loader may hold a ragged tail of it)
+            self.train_data.set_epoch(epoch)
+        if self.world.is_main:
+            self._forget_metrics_after(self.step)
+            print(f"resumed from {path} at step {self.step}/{self.total_steps}", flush=True)
+        self.progress.mark(self.step, self.images_seen)
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drop what the interrupted run logged past the checkpoint: those steps run again."""
+        kept = [r for r in self.log.read() if r["step"] <= step]
+        tmp = self.log.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.log.path)
 
     # -- the loop -------------------------------------------------------------
     def _batches(self):
-        """Micro-batches grouped per optimizer step, across epochs, until total_steps."""
+        """Micro-batches grouped per optimizer step, across epochs, from the current step on."""
         while True:
             it = iter(self.train_data)
-            for _ in range(self.steps_per_epoch):
+            for _ in range(self.steps_per_epoch - self.step % self.steps_per_epoch):
                 yield [next(it) for _ in range(self.accum)]
             self.train_data.set_epoch(self.step // self.steps_per_epoch)
 
     def fit(self) -> dict:
-        cfg, log_every = self.cfg, self.cfg.logging.interval_steps
-        global_batch = cfg.train.global_batch
-        result = {}
+        """Train to the end, or until a preemption request; checkpoints on the way."""
         batches = self._batches()
-        self.train_data.set_epoch(self.step // self.steps_per_epoch)
         while self.step < self.total_steps:
             loss = self.train_step(next(batches))
             self.step += 1
-            self.images_seen += global_batch
+            self.images_seen += self.cfg.train.global_batch
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {self.step}")
-            if self.step % log_every == 0 or self.step == self.total_steps:
-                lr = self.optimizer.param_groups[0]["lr"]
-                rate = self.progress.update(self.step, self.images_seen, loss=loss, lr=lr)
-                self.log.write("train", step=self.step, epoch=self.step / self.steps_per_epoch,
-                               loss=loss, lr=lr, img_per_s=rate, alr=self._alr_summary())
-            if self.step == self.total_steps or (self.eval_every and self.step % self.eval_every == 0):
-                result = self.evaluate()
-                self.log.write("eval", step=self.step, epoch=self.step / self.steps_per_epoch, **result)
-                if self.world.is_main:
-                    print(f"eval at step {self.step}: top-1 {result['top1']:.2f}%  "
-                          f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}", flush=True)
-                self.progress.mark(self.step, self.images_seen)
-        return {"steps": self.step, "eval": result,
+            final = self.step == self.total_steps
+            if self.step % self.cfg.logging.interval_steps == 0 or final:
+                self._log_train(loss)
+            evaluated = final or bool(self.eval_every and self.step % self.eval_every == 0)
+            if evaluated:
+                self._evaluate_and_log()
+            due, stop = self.checkpointer.poll(self.step)
+            if due or final or (evaluated and self.cfg.checkpoint.keep_best):
+                self.checkpointer.save(self.step, self.last_eval["top1"] if evaluated else None)
+            if stop and not final:
+                return self._summary("preempted")
+        return self._summary("completed")
+
+    def _log_train(self, loss: float) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        rate = self.progress.update(self.step, self.images_seen, loss=loss, lr=lr)
+        self.log.write("train", step=self.step, epoch=self.step / self.steps_per_epoch,
+                       loss=loss, lr=lr, img_per_s=rate, alr=self._alr_summary())
+
+    def _evaluate_and_log(self) -> None:
+        self.last_eval = result = self.evaluate()
+        self.log.write("eval", step=self.step, epoch=self.step / self.steps_per_epoch, **result)
+        if self.world.is_main:
+            print(f"eval at step {self.step}: top-1 {result['top1']:.2f}%  "
+                  f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}", flush=True)
+        self.progress.mark(self.step, self.images_seen)
+
+    def _summary(self, status: str) -> dict:
+        return {"status": status, "steps": self.step, "eval": self.last_eval,
+                "checkpoint_seconds": round(self.checkpointer.seconds, 3),
                 "peak_memory_bytes": peak_memory_bytes(self.world.device)}
 
     def _alr_summary(self) -> dict:
@@ -150,13 +189,28 @@ class Trainer:
         """The trained model alone (safetensors) and its config, for eval or fine-tuning."""
         if not self.world.is_main:
             return None
-        from safetensors.torch import save_file
+        from addertrain.export import write_model
 
-        out = self.run_dir / "final"
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
-                 for k, v in self.engine.module.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"))
-        (out / "config.yaml").write_text(self.cfg.to_yaml())
+        out = write_model(self.engine.module.state_dict(), self.cfg.to_dict(), self.run_dir / "final")
         plot(self.log.read(), self.run_dir / "metrics.png")
         return out
+
+
+@torch.no_grad()
+def eval_sums(model, loader, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(summed loss, top-1 hits, top-5 hits, samples) over one pass of ``loader``."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for images, labels, valid in loader:
+        logits = model(images.to(dtype)).float()[:valid]
+        labels = labels[:valid]
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels[:, None]
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+                             hits[:, 0].sum(), hits.any(1).sum(),
+                             torch.tensor(valid, device=logits.device)]).double()
+    return sums
+
+
+def eval_summary(sums: torch.Tensor) -> dict:
+    loss, top1, top5, n = sums.tolist()
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "samples": int(n)}

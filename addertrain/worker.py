@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -17,17 +18,24 @@ def worker_env() -> None:
 
 
 def train_worker(cfg_dict: dict) -> None:
-    """Train; rank 0 leaves the summary in ``run_dir/result.json`` for the launcher."""
+    """Train (from a checkpoint if there is one); rank 0 leaves the summary in
+    ``run_dir/result.json`` for the launcher, with ``status`` completed or preempted."""
     worker_env()
-    from addertrain import distributed
+    from addertrain import checkpoint, distributed
     from addertrain.config import Config
     from addertrain.trainer import Trainer
 
     cfg = Config.model_validate(cfg_dict)
     world = distributed.init(cfg.train.device)
     trainer = Trainer(cfg, world)
+    # The run's own latest checkpoint comes first: after a failure Ray restarts the workers
+    # with the same arguments, and they must continue, not go back to the launch's start.
+    start = checkpoint.latest(cfg.run_dir()) or (cfg.checkpoint.resume and Path(cfg.checkpoint.resume))
+    if start:
+        trainer.resume(start)
     result = trainer.fit()
-    trainer.save_final()
+    if result["status"] == "completed":
+        trainer.save_final()
     # Only on success: after a failure on one rank a barrier would wait for the others forever.
     if world.is_main:
         result.update(world_size=world.world_size, device=str(world.device))

@@ -1,12 +1,16 @@
-"""``addertrain launch RECIPE [key.path=value ...]``: check everything, then start the workers."""
+"""``addertrain launch RECIPE [key.path=value ...]``: check everything, then start the workers.
+
+Exit codes: 0 done, 2 bad input, 75 checkpointed and stopped after SIGTERM/SIGUSR1 (resume
+with ``--resume auto``)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
-from addertrain import config
+from addertrain import config, preempt
 from addertrain.errors import UserError
 from addertrain.metrics import MetricsLog
 
@@ -22,6 +26,13 @@ def add_arguments(p) -> None:
                         "is absent) with a pass/fail verdict, img/s and peak memory")
     p.add_argument("--address", help="Ray cluster to join (host:port or 'auto'); default: "
                                      "distributed.ray_address, else an embedded local cluster")
+    p.add_argument("--resume", default="auto", metavar="auto|PATH|none",
+                   help="auto (default): continue from the run directory's latest checkpoint if "
+                        "there is one; PATH: start from that checkpoint (or run directory); "
+                        "none: a fresh start")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="resume although the recipe changed KEY (a key or section, e.g. "
+                        "schedule.epochs); repeatable")
 
 
 def prepare_data(cfg: config.Config) -> list[str] | None:
@@ -62,7 +73,27 @@ def start_run_dir(cfg: config.Config) -> Path:
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    # A summary left by an earlier launch must not pass for this one's.
+    (run_dir / "result.json").unlink(missing_ok=True)
     return run_dir
+
+
+def choose_start(cfg: config.Config, spec: str, allow: list[str], smoke: bool) -> None:
+    """Pick the checkpoint to start from and check it fits the recipe, before any worker starts."""
+    from addertrain import checkpoint
+
+    run_dir = cfg.run_dir()
+    if smoke:  # a smoke run is disposable and always starts afresh
+        shutil.rmtree(checkpoint.checkpoints_dir(run_dir), ignore_errors=True)
+        return
+    path = checkpoint.resolve(spec, run_dir)
+    if path is None:
+        return
+    meta = checkpoint.read_meta(path)
+    checkpoint.check_compatible(meta, path, cfg.to_dict(), cfg.distributed.workers, allow)
+    checkpoint.verify_tensors(path, meta)
+    cfg.checkpoint.resume = str(path)
+    print(f"resuming from {path} (step {meta['step']})", flush=True)
 
 
 def execute(cfg: config.Config, address: str | None = None) -> None:
@@ -87,11 +118,14 @@ def run(args) -> int:
         cfg, notes = smoke.shrink(cfg)
         for note in notes:
             print(f"smoke: {note}", flush=True)
+    preempt.clear(cfg.run_dir())
+    preempt.install_handlers(cfg.run_dir())
     from addertrain.engine import batch_split, check_precision
 
     batch_split(cfg, cfg.distributed.workers)
     check_precision(cfg, worker_device_type(cfg))
     classes = prepare_data(cfg)
+    choose_start(cfg, args.resume, args.allow_change, args.smoke)
     run_dir = start_run_dir(cfg)
     if classes:
         from addertrain.data.folder import save_class_map
@@ -104,6 +138,10 @@ def run(args) -> int:
     result = json.loads((run_dir / "result.json").read_text())
     result.update(wall_s=round(wall, 1), notes=notes)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    if result["status"] == "preempted":
+        print(f"checkpointed at step {result['steps']} and stopped on request; continue with "
+              f"--resume auto (exit code {preempt.EXIT_CODE})", flush=True)
+        return preempt.EXIT_CODE
     ev = result["eval"]
     print(f"done in {wall:.0f} s: {result['steps']} steps, top-1 {ev['top1']:.2f}%, "
           f"top-5 {ev['top5']:.2f}%", flush=True)

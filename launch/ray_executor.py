@@ -12,6 +12,7 @@ import socket
 import tempfile
 from pathlib import Path
 
+from addertrain import preempt
 from addertrain.config import Config
 from addertrain.errors import UserError
 
@@ -97,6 +98,8 @@ def run(cfg: Config, address: str | None) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = _connect(address, cfg)
+    # ray.init installs a fatal-signal handler for SIGTERM over ours, which checkpoints first.
+    preempt.install_handlers(cfg.run_dir())
     try:
         _check_resources(cfg)
         d = cfg.distributed

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from addertrain import config
+from addertrain import config, smoke
 from addertrain.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_smoke_mode_gives_a_verdict_on_synthetic_data(tmp_path):
     assert "smoke: PASS" in out.stdout
     assert "peak memory" in out.stdout and "img/s" in out.stdout
     result = json.loads((tmp_path / "resnet18-imagenet-smoke" / "result.json").read_text())
-    assert result["steps"] == 8
+    assert result["steps"] == smoke.STEPS
 
 
 def test_bf16_training_runs_on_cpu(tmp_path):
