@@ -20,6 +20,7 @@ COMMANDS = {
     ("bench", "op"): "addertrain.bench.op",
     ("bench", "kernels"): "addertrain.bench.kernels",
     ("bench", "data"): "addertrain.bench.data",
+    ("bench", "scaling"): "addertrain.bench.scaling",
     ("data", "check"): "addertrain.data.check",
     ("data", "digits"): "addertrain.data.digits",
     ("data", "fake"): "addertrain.data.fake",

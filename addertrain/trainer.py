@@ -166,7 +166,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         rate = self.progress.update(self.step, self.images_seen, loss=loss, lr=lr)
         self.log.write("train", step=self.step, epoch=self.step / self.steps_per_epoch,
-                       loss=loss, lr=lr, img_per_s=rate, alr=self._alr_summary())
+                       loss=loss, lr=lr, img_per_s=rate, alr=self.optimizer.summary())
 
     def _evaluate_and_log(self) -> None:
         self.last_eval = result = self.evaluate()
@@ -181,10 +181,6 @@ class Trainer:
                 "checkpoint_seconds": round(self.checkpointer.seconds, 3),
                 "peak_memory_bytes": peak_memory_bytes(self.world.device)}
 
-    def _alr_summary(self) -> dict:
-        s = list(self.optimizer.last_scales.values())
-        return {"min": min(s), "max": max(s)} if s else {}
-
     def save_final(self) -> Path | None:
         """The trained model alone (safetensors) and its config, for eval or fine-tuning."""
         if not self.world.is_main:
@@ -192,7 +188,8 @@ class Trainer:
         from addertrain.export import write_model
 
         out = write_model(self.engine.module.state_dict(), self.cfg.to_dict(), self.run_dir / "final")
-        plot(self.log.read(), self.run_dir / "metrics.png")
+        if self.cfg.logging.plots:
+            plot(self.log.read(), self.run_dir / "metrics.png")
         return out
 
 
