@@ -31,15 +31,6 @@ GROUP_HELP = {
 }
 
 
-def _available():
-    for key, module in COMMANDS.items():
-        try:
-            yield key, importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if not e.name or not module.startswith(e.name):
-                raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="addertrain",
@@ -47,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "DeepSpeed workers orchestrated by Ray.")
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups = {}
-    for (group, name), module in _available():
+    for (group, name), path in COMMANDS.items():
+        module = importlib.import_module(path)
         if group is None:
             sub = top.add_parser(name, help=module.HELP, description=module.HELP)
         else:

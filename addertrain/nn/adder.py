@@ -19,7 +19,9 @@ from torch import nn
 
 from addertrain.errors import UserError
 
-BACKENDS = ("auto", "reference", "triton")
+# "unfold" is the official release's formulation (addertrain.ops.unfold), a benchmark
+# baseline whose weight gradient already carries the release's ALR normalisation.
+BACKENDS = ("auto", "reference", "triton", "unfold")
 
 
 def triton_can_run(device: torch.device) -> bool:
@@ -36,6 +38,10 @@ def resolve_backend(name: str, device: torch.device) -> ModuleType:
         from addertrain.ops import reference
 
         return reference
+    if name == "unfold":
+        from addertrain.ops import unfold
+
+        return unfold
     if not triton_can_run(device):
         raise UserError(
             "the triton adder backend needs a CUDA device, or TRITON_INTERPRET=1 to run "

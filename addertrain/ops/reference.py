@@ -1,70 +1,193 @@
 """Reference adder convolution in plain PyTorch (CPU and CUDA).
 
-Works on the unfolded input, one chunk of output pixels at a time, so the
-``[C_out, K, N*L]`` tensor of the official release is never built.
+The batch is processed in blocks of whole images. A block is copied into a
+zero-padded channels-last buffer in the accumulation dtype, and each of its output
+pixels' patches becomes one row of ``cols`` ``[rows, K]`` (``K = kh*kw*C_in``, ordered
+``(kh, kw, C_in)``; the weight is permuted to the same order). Forward and input
+gradient then walk ``cols`` ``R`` rows at a time through one ``[R, C_out, K]``
+buffer, so the ``[C_out, K, N*L]`` tensor of the official release never exists;
+the weight gradient is one GEMM per block and a rank-1 term.
+
+Extra memory: each of forward, grad_input and grad_weight allocates at most,
+beyond its inputs and its output,
+
+    b * (B*(C_in*Hp*Wp + L*(K + C_out)) + (R + 3)*C_out*K)   bytes,
+    B = min(N, max(1, BLOCK_ELEMENTS // (L*K)))      images per block,
+    R = min(B*L, max(1, CHUNK_ELEMENTS // (C_out*K))) rows per chunk,
+
+with ``L = OH*OW`` output pixels per image, ``Hp, Wp`` the padded input size and
+``b`` the accumulation dtype's size (4, or 8 for fp64): one block's padded input
+(or its input gradient), its unfolded input, its output (or output gradient) rows,
+the chunk buffer and weight-sized temporaries. It does not grow with the batch.
+:func:`extra_bytes_bound` computes it; tests/test_reference_op.py measures it.
+
+Both constants are 2**21 elements (8 MiB in fp32). In a sweep over 2**18 to 2**22 on
+the 2-core AMD EPYC (Zen 5, 1 MiB L2 per core, 32 MiB L3) this was written on, 2**20 and
+2**21 were equally fast (docs/reference-op.md): the buffer and a block's patch rows stay
+in L3, and smaller chunks pay more per-op overhead than they gain in locality. The larger
+of the two halves the number of short parallel regions, which is what costs most when
+other processes share the cores.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-# Elements of the largest [rows, C_out, K] temporary per chunk.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 21   # elements of the [R, C_out, K] buffer
+BLOCK_ELEMENTS = 1 << 21   # elements of one block's patch rows (at least one image)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _unfold(x, kh, kw, stride, padding):
-    """[N*L, K] rows of input patches, in the accumulation dtype."""
-    cols = F.unfold(x.to(_acc_dtype(x.dtype)), (kh, kw), padding=padding, stride=stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+def out_size(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
 
 
-def _out_hw(x, w, stride, padding):
-    oh = (x.shape[2] + 2 * padding - w.shape[2]) // stride + 1
-    ow = (x.shape[3] + 2 * padding - w.shape[3]) // stride + 1
-    return oh, ow
+def block_images(n: int, pixels: int, k: int) -> int:
+    return min(n, max(1, BLOCK_ELEMENTS // (pixels * k)))
+
+
+def chunk_rows(rows: int, c_out: int, k: int) -> int:
+    return min(rows, max(1, CHUNK_ELEMENTS // (c_out * k)))
+
+
+def extra_bytes_bound(x_shape, w_shape, stride: int, padding: int, dtype: torch.dtype) -> int:
+    """The bound of the module docstring for ``x_shape`` (NCHW) and ``w_shape`` (OIHW)."""
+    n, c, h, w = x_shape
+    o, _, kh, kw = w_shape
+    oh, ow = out_size(h, w, kh, kw, stride, padding)
+    pixels, k = oh * ow, c * kh * kw
+    b = block_images(n, pixels, k)
+    r = chunk_rows(b * pixels, o, k)
+    elements = b * (c * (h + 2 * padding) * (w + 2 * padding) + pixels * (k + o)) + (r + 3) * o * k
+    return elements * torch.empty((), dtype=acc_dtype(dtype)).element_size()
+
+
+def _channels_last(t: torch.Tensor, dtype: torch.dtype, pad: int = 0) -> torch.Tensor:
+    """``t`` (NCHW) as a fresh ``[N, H+2pad, W+2pad, C]`` tensor in ``dtype``, zero border."""
+    n, c, h, w = t.shape
+    shape = (n, h + 2 * pad, w + 2 * pad, c)
+    out = t.new_zeros(shape, dtype=dtype) if pad else t.new_empty(shape, dtype=dtype)
+    out[:, pad:pad + h, pad:pad + w].copy_(t.permute(0, 2, 3, 1))
+    return out
+
+
+def _patch_view(t: torch.Tensor, kh: int, kw: int, stride: int, oh: int, ow: int) -> torch.Tensor:
+    """``[N, OH, OW, kh, kw, C]`` view of the patches of a contiguous padded NHWC tensor."""
+    sn, sh, sw, sc = t.stride()
+    return t.as_strided((t.shape[0], oh, ow, kh, kw, t.shape[3]),
+                        (sn, sh * stride, sw * stride, sh, sw, sc))
+
+
+class _Geometry:
+    """Shapes of one call, and its blocks of whole images."""
+
+    def __init__(self, x, w, stride, padding):
+        self.n, self.c, self.h, self.w = x.shape
+        self.o, _, self.kh, self.kw = w.shape
+        self.stride, self.padding = stride, padding
+        self.oh, self.ow = out_size(self.h, self.w, self.kh, self.kw, stride, padding)
+        self.k = self.c * self.kh * self.kw
+        self.dtype = acc_dtype(x.dtype)
+        self.images = block_images(self.n, self.oh * self.ow, self.k)
+
+    def blocks(self):
+        for start in range(0, self.n, self.images):
+            yield slice(start, min(self.n, start + self.images))
+
+    def cols(self, x):
+        """``[images*OH*OW, K]`` patch rows of ``x`` in the accumulation dtype."""
+        xp = _channels_last(x, self.dtype, self.padding)
+        return _patch_view(xp, self.kh, self.kw, self.stride, self.oh, self.ow).reshape(-1, self.k)
+
+    def weight_rows(self, w):
+        return _channels_last(w, self.dtype).view(self.o, self.k)
+
+    def chunk_buffer(self, like):
+        return like.new_empty((chunk_rows(self.images * self.oh * self.ow, self.o, self.k),
+                               self.o, self.k), dtype=self.dtype)
+
+    def fold(self, dcols):
+        """col2im: ``[images*OH*OW, K]`` patch gradients -> ``[images, C, H, W]`` view."""
+        images = dcols.shape[0] // (self.oh * self.ow)
+        p = self.padding
+        gxp = dcols.new_zeros((images, self.h + 2 * p, self.w + 2 * p, self.c))
+        target = _patch_view(gxp, self.kh, self.kw, self.stride, self.oh, self.ow)
+        source = dcols.view(images, self.oh, self.ow, self.kh, self.kw, self.c)
+        for i in range(self.kh):
+            for j in range(self.kw):
+                target[:, :, :, i, j].add_(source[:, :, :, i, j])
+        return gxp[:, p:p + self.h, p:p + self.w].permute(0, 3, 1, 2)
+
+
+def _row_chunks(rows: int, size: int):
+    for start in range(0, rows, size):
+        yield slice(start, min(rows, start + size))
+
+
+# Each block's temporaries live in its own function call, so that one block's are
+# freed before the next block's are allocated.
+
+def _block_distances(geo, xb, w2, buf):
+    """``[rows, C_out]`` sums ``sum_k |x - w|`` for one block."""
+    cols = geo.cols(xb)
+    dist = cols.new_empty((cols.shape[0], geo.o))
+    for rows in _row_chunks(cols.shape[0], buf.shape[0]):
+        b = buf[:rows.stop - rows.start]
+        torch.sub(cols[rows, None], w2, out=b).abs_()
+        torch.sum(b, 2, out=dist[rows])
+    return dist.view(-1, geo.oh, geo.ow, geo.o).permute(0, 3, 1, 2)
+
+
+def _block_patch_grads(geo, xb, gb, w2, buf):
+    """``[rows, K]`` patch gradients ``sum_o g clamp(w - x, -1, 1)`` for one block."""
+    cols = geo.cols(xb)
+    g2 = _channels_last(gb, geo.dtype).view(-1, 1, geo.o)
+    for rows in _row_chunks(cols.shape[0], buf.shape[0]):
+        b = buf[:rows.stop - rows.start]
+        torch.sub(w2, cols[rows, None], out=b).clamp_(-1, 1)
+        # the chunk's rows are consumed once b holds them, so they take the result
+        torch.bmm(g2[rows], b, out=cols[rows, None])
+    return cols
+
+
+def _block_weight_grad(geo, xb, gb, gw, gsum):
+    cols = geo.cols(xb)
+    g2 = _channels_last(gb, geo.dtype).view(-1, geo.o)
+    gw.addmm_(g2.t(), cols)
+    gsum.add_(g2.sum(0))
 
 
 def forward(x, w, stride, padding):
-    n, o = x.shape[0], w.shape[0]
-    oh, ow = _out_hw(x, w, stride, padding)
-    cols = _unfold(x, w.shape[2], w.shape[3], stride, padding)
-    w2 = w.reshape(o, -1).to(cols.dtype)
-    y = torch.cdist(cols, w2, p=1).neg_()
-    return y.view(n, oh * ow, o).transpose(1, 2).reshape(n, o, oh, ow).to(x.dtype)
-
-
-def _rows_of(g):
-    n, o = g.shape[:2]
-    return g.reshape(n, o, -1).transpose(1, 2).reshape(-1, o)
+    geo = _Geometry(x, w, stride, padding)
+    y = x.new_empty((geo.n, geo.o, geo.oh, geo.ow))
+    w2 = geo.weight_rows(w)
+    buf = geo.chunk_buffer(x)
+    for images in geo.blocks():
+        y[images].copy_(_block_distances(geo, x[images], w2, buf))
+    return y.neg_()
 
 
 def grad_weight(g, x, w, stride, padding):
-    """dW[o,k] = sum_p g[p,o] x[p,k] - W[o,k] sum_p g[p,o]: one GEMM and a rank-1 term."""
-    cols = _unfold(x, w.shape[2], w.shape[3], stride, padding)
-    g2 = _rows_of(g).to(cols.dtype)
-    w2 = w.reshape(w.shape[0], -1).to(cols.dtype)
-    gw = g2.t() @ cols - w2 * g2.sum(0)[:, None]
-    return gw.view_as(w).to(w.dtype)
+    """``dW[o,k] = sum_p g[p,o] x[p,k] - W[o,k] sum_p g[p,o]``: a GEMM per block, a rank-1 term."""
+    geo = _Geometry(x, w, stride, padding)
+    gw = x.new_zeros((geo.o, geo.k), dtype=geo.dtype)
+    gsum = x.new_zeros(geo.o, dtype=geo.dtype)
+    for images in geo.blocks():
+        _block_weight_grad(geo, x[images], g[images], gw, gsum)
+    gw.addcmul_(geo.weight_rows(w), gsum[:, None], value=-1)
+    gw = gw.view(geo.o, geo.kh, geo.kw, geo.c).permute(0, 3, 1, 2)
+    return gw.to(w.dtype, memory_format=torch.contiguous_format)
 
 
 def grad_input(g, x, w, stride, padding):
-    """dX_col[p,k] = sum_o g[p,o] clamp(W[o,k] - X[p,k], -1, 1), folded back with col2im."""
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    cols = _unfold(x, kh, kw, stride, padding)
-    g2 = _rows_of(g).to(cols.dtype)
-    w2 = w.reshape(o, -1).to(cols.dtype)
-    k = w2.shape[1]
-    dcols = torch.empty_like(cols)
-    rows = max(1, CHUNK_ELEMENTS // (o * k))
-    for start in range(0, cols.shape[0], rows):
-        xc = cols[start:start + rows]
-        d = (w2[None] - xc[:, None]).clamp_(-1, 1)
-        torch.bmm(g2[start:start + rows, None], d, out=dcols[start:start + rows, None])
-    dcols = dcols.view(n, -1, k).transpose(1, 2)
-    return F.fold(dcols, (h, wd), (kh, kw), padding=padding, stride=stride).to(x.dtype)
+    """``dX_col[p,k] = sum_o g[p,o] clamp(W[o,k] - X[p,k], -1, 1)``, folded back (col2im)."""
+    geo = _Geometry(x, w, stride, padding)
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    w2 = geo.weight_rows(w)
+    buf = geo.chunk_buffer(x)
+    for images in geo.blocks():
+        gx[images].copy_(geo.fold(_block_patch_grads(geo, x[images], g[images], w2, buf)))
+    return gx
