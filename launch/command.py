@@ -111,6 +111,8 @@ def run(args) -> int:
     cfg = config.load(args.recipe, args.overrides)
     # Workers may run in another working directory (Ray) or on another node.
     cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    if cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     notes = []
     if args.smoke:
         from addertrain import smoke
