@@ -43,15 +43,20 @@ class AdderSGD(torch.optim.SGD):
 
     Weight decay and momentum act on the rescaled gradient, as when the official release
     rescales inside the layer's backward.
+
+    Under ZeRO 1/2 DeepSpeed calls ``step`` once per parameter group, each group's gradient
+    partition made just before its call, so the per-layer squared norms are then summed
+    across ranks one layer per call instead of as one vector per optimizer step.
     """
 
     def __init__(self, groups, lr, momentum=0.0, nesterov=False, eta=0.2, alr=True):
         super().__init__(groups, lr=lr, momentum=momentum, nesterov=nesterov)
         self.eta, self.alr = eta, alr
-        self._last: tuple[list[str], torch.Tensor] | None = None
-        # cost of the last ALR pass (norms, the cross-rank sum when sharded, rescaling)
-        self.last_seconds = 0.0
-        self.last_reduced_bytes = 0
+        # the latest scale of each layer, kept on the device: reading it every step would
+        # synchronise the GPU
+        self._scales: dict[str, torch.Tensor] = {}
+        # cost since the last summary(): seconds, bytes all-reduced, optimizer steps
+        self._cost = [0.0, 0, 0]
 
     def _alr_groups(self):
         return [g for g in self.param_groups if g.get("alr_numel", 0) > 0]
@@ -74,33 +79,35 @@ class AdderSGD(torch.optim.SGD):
         sq = torch.stack([
             sum((t.float().pow(2).sum() for t in gs), torch.zeros((), device=device))
             for gs in grads])
-        self.last_reduced_bytes = 0
         if self._sharded(groups):
             dist.all_reduce(sq)
-            self.last_reduced_bytes = sq.numel() * sq.element_size()
+            self._cost[1] += sq.numel() * sq.element_size()
         numels = torch.tensor([g["alr_numel"] for g in groups], dtype=sq.dtype, device=sq.device)
         alpha = scales(sq, numels, self.eta)
         for gs, a in zip(grads, alpha):
             for t in gs:
                 t.mul_(a.to(t.dtype))
-        # kept on the device: reading it every step would synchronise the GPU
-        self._last = ([g["name"] for g in groups], alpha)
-        self.last_seconds = time.perf_counter() - start
+        for g, a in zip(groups, alpha):
+            if not self._scales or g["name"] == next(iter(self._scales)):
+                self._cost[2] += 1  # the first adder layer marks a new optimizer step
+            self._scales[g["name"]] = a
+        self._cost[0] += time.perf_counter() - start
 
     @property
     def last_scales(self) -> dict[str, float]:
-        if self._last is None:
-            return {}
-        names, alpha = self._last
-        return dict(zip(names, alpha.tolist()))
+        return {name: float(a) for name, a in self._scales.items()}
 
     def summary(self) -> dict:
-        """For the metrics log: the range of the scales and what the last pass cost."""
+        """For the metrics log: the range of the latest scales, and the ALR's cost per
+        optimizer step since the previous summary (time, bytes all-reduced)."""
         s = list(self.last_scales.values())
         if not s:
             return {}
-        return {"min": min(s), "max": max(s), "ms": 1e3 * self.last_seconds,
-                "reduced_bytes": self.last_reduced_bytes}
+        seconds, nbytes, steps = self._cost
+        self._cost = [0.0, 0, 0]
+        steps = max(steps, 1)
+        return {"min": min(s), "max": max(s), "ms": 1e3 * seconds / steps,
+                "reduced_bytes": nbytes // steps}
 
     def step(self, closure=None):
         self.apply_alr()
