@@ -106,17 +106,13 @@ def _timer(device, cpu_repeats: int = 3):
 
 
 def _peak_bytes(fn, device) -> int | None:
-    """Peak memory above what was allocated before the call (its outputs included)."""
-    import torch
-
+    """Peak memory above what was allocated before the call (its outputs included); CUDA
+    only, since under the interpreter the CPU allocator would measure numpy's work."""
     if device.type != "cuda":
         return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    from addertrain.bench.op import peak_bytes
+
+    return peak_bytes(fn, device)[1]
 
 
 def measure_ceiling(device, time_ms) -> dict:

@@ -24,6 +24,11 @@ def conv_factory(kind: str, backend: str):
     raise ValueError(f"conv kind {kind!r} is not adder or conv")
 
 
+def shortcut(conv, bn, cin, cout, stride):
+    """The 1x1 projection (conv of the body's kind + BN) where the shape changes, else None."""
+    return nn.Sequential(conv(cin, cout, 1, stride), bn(cout)) if stride != 1 or cin != cout else None
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -33,8 +38,7 @@ class BasicBlock(nn.Module):
         self.conv1, self.bn1 = conv(cin, width, 3, stride, 1), bn(width)
         self.conv2, self.bn2 = conv(width, cout, 3, 1, 1), bn(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(conv(cin, cout, 1, stride), bn(cout))
-                           if stride != 1 or cin != cout else None)
+        self.downsample = shortcut(conv, bn, cin, cout, stride)
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -53,8 +57,7 @@ class Bottleneck(nn.Module):
         self.conv2, self.bn2 = conv(width, width, 3, stride, 1), bn(width)
         self.conv3, self.bn3 = conv(width, cout, 1), bn(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(conv(cin, cout, 1, stride), bn(cout))
-                           if stride != 1 or cin != cout else None)
+        self.downsample = shortcut(conv, bn, cin, cout, stride)
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
