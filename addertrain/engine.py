@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from addertrain.alr import once_per_step
 from addertrain.config import Config
 from addertrain.errors import UserError
 
@@ -21,6 +22,11 @@ def check_precision(cfg: Config, device_type: str) -> None:
     if cfg.train.precision == "fp16" and device_type != "cuda":
         raise UserError("train.precision=fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
                         "use train.precision=bf16 or fp32")
+    if cfg.train.precision == "bf16" and cfg.distributed.zero_stage != 1:
+        raise UserError(
+            f"train.precision=bf16 needs distributed.zero_stage=1 (got {cfg.distributed.zero_stage}): "
+            "only DeepSpeed's ZeRO-1 bf16 optimizer accumulates and all-reduces gradients in fp32; "
+            "set distributed.zero_stage=1, or train in fp32")
     if cfg.distributed.zero_stage == 3:
         raise UserError("distributed.zero_stage=3 is not supported: adder layers are small next to "
                         "their activations, so stage 3 saves little; use 0, 1 or 2")
@@ -37,20 +43,27 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # DeepSpeed clips at 1.0 when the key is absent; AdderSGD clips (optim.grad_clip)
+        # after the ALR, on the parameters the ALR does not normalise.
+        "gradient_clipping": 0.0,
     }
-    if cfg.optim.grad_clip:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
     if cfg.train.precision == "bf16":
+        # bf16 weights and activations; gradients accumulated and all-reduced in fp32
         ds["bf16"] = {"enabled": True}
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     elif cfg.train.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}
     return ds
 
 
-def initialize(cfg: Config, model, optimizer, scheduler, world_size: int):
+def initialize(cfg: Config, model, optimizer, world_size: int):
+    """The engine, without a schedule: the trainer sets the learning rate of each step
+    itself, so that a step DeepSpeed skips (fp16 overflow) cannot shift the schedule."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size), dist_init_required=False)
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
+        dist_init_required=False)
+    once_per_step(engine.optimizer, optimizer)
     return engine

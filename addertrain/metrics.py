@@ -13,6 +13,12 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def eval_line(result: dict) -> str:
+    """``top-1 98.61%  top-5 99.90%  loss 0.0633`` (top-5 n/a for 5 classes or fewer)."""
+    top5 = "n/a" if result["top5"] is None else f"{result['top5']:.2f}%"
+    return f"top-1 {result['top1']:.2f}%  top-5 {top5}  loss {result['loss']:.4f}"
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``run_dir/metrics.jsonl`` (rank 0 only)."""
 
@@ -79,7 +85,8 @@ def plot(records: list[dict], out: Path) -> Path | None:
     axes[1].set(title="learning rate", xlabel="step")
     if evals:
         axes[2].plot([r["step"] for r in evals], [r["top1"] for r in evals], "o-", label="top-1")
-        axes[2].plot([r["step"] for r in evals], [r["top5"] for r in evals], "s-", label="top-5")
+        if evals[0]["top5"] is not None:
+            axes[2].plot([r["step"] for r in evals], [r["top5"] for r in evals], "s-", label="top-5")
         axes[2].legend()
     axes[2].set(title="evaluation accuracy (%)", xlabel="step")
     fig.tight_layout()

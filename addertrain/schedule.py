@@ -1,10 +1,13 @@
-"""Learning-rate schedule per optimizer step: linear warmup, then cosine decay or constant."""
+"""Learning rate per optimizer step: linear warmup, then cosine decay or constant.
+
+The rate is a function of the step alone: a resumed run needs no schedule state, and a
+step DeepSpeed skips (fp16 overflow) moves the schedule on like any other step.
+"""
 
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import Callable
 
 from addertrain.config import ScheduleConfig
 
@@ -20,8 +23,8 @@ def lr_factor(step: int, total: int, warmup: int, cfg: ScheduleConfig, base_lr: 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int,
-                    base_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int,
+                   base_lr: float) -> Callable[[int], float]:
+    """The learning rate of optimizer step ``step`` (0-based)."""
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg, base_lr))
+    return lambda step: base_lr * lr_factor(step, total_steps, warmup, cfg, base_lr)

@@ -19,9 +19,11 @@ from addertrain.alr import AdderSGD, param_groups
 from addertrain.checkpoint import Checkpointer, RNGState
 from addertrain.config import Config
 from addertrain.data import build_loader
-from addertrain.metrics import MetricsLog, Progress, plot
+from addertrain.metrics import MetricsLog, Progress, eval_line, plot
+from addertrain.errors import UserError
 from addertrain.models import create_model
-from addertrain.schedule import build_scheduler
+from addertrain.nn import average_running_stats
+from addertrain.schedule import build_schedule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,23 +54,24 @@ class Trainer:
         self.val_data = build_loader(cfg, "val", micro, world.rank, world.world_size, world.device)
         self.steps_per_epoch = self.train_data.steps_per_epoch // self.accum
         if self.steps_per_epoch == 0:
-            raise ValueError("an epoch of the training data is shorter than one global batch; "
-                             "lower train.global_batch or use more data")
+            raise UserError("an epoch of the training data is shorter than one global batch; "
+                            "lower train.global_batch or use more data")
         self.total_steps = cfg.train.max_steps or max(1, round(cfg.schedule.epochs * self.steps_per_epoch))
         self.eval_every = (round(cfg.train.eval_interval * self.steps_per_epoch)
                            if cfg.train.eval_interval else 0)
 
         m = cfg.model
         self.dtype = DTYPES[cfg.train.precision]
-        # Buffers too (BN statistics): DeepSpeed casts only parameters, and batch_norm wants one dtype.
+        # fp32 here: DeepSpeed casts the parameters to a half precision and leaves the
+        # buffers, so BatchNorm's running statistics stay fp32 (addertrain/nn/norm.py).
         model = create_model(m.arch, m.conv, m.num_classes, m.head, m.backend, m.bn_momentum,
-                             cfg.data.channels).to(world.device, self.dtype)
+                             cfg.data.channels).to(world.device)
         o = cfg.optim
         self.optimizer = AdderSGD(param_groups(model, o.weight_decay), lr=o.lr, momentum=o.momentum,
-                                  nesterov=o.nesterov, eta=cfg.adder.eta, alr=cfg.adder.alr)
-        scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps,
-                                    self.steps_per_epoch, o.lr)
-        self.engine = ds_engine.initialize(cfg, model, self.optimizer, scheduler, world.world_size)
+                                  nesterov=o.nesterov, eta=cfg.adder.eta, alr=cfg.adder.alr,
+                                  clip=o.grad_clip)
+        self.lr_at = build_schedule(cfg.schedule, self.total_steps, self.steps_per_epoch, o.lr)
+        self.engine = ds_engine.initialize(cfg, model, self.optimizer, world.world_size)
         self.step = 0
         self.images_seen = 0
         self.last_eval: dict = {}
@@ -79,8 +82,12 @@ class Trainer:
             "progress": self, "rng": RNGState(), "train_data": self.train_data})
 
     # -- the step -------------------------------------------------------------
-    def train_step(self, micro_batches) -> float:
-        """One optimizer step over ``accum`` micro-batches; returns the global mean loss."""
+    def train_step(self, micro_batches) -> tuple[float, float]:
+        """One optimizer step over ``accum`` micro-batches; returns (the global mean loss,
+        the learning rate the step used)."""
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         total = torch.zeros((), device=self.world.device)
         for images, labels, _ in micro_batches:
             logits = self.engine(images.to(self.dtype))
@@ -92,7 +99,10 @@ class Trainer:
         if self.world.world_size > 1:
             dist.all_reduce(total)
             total /= self.world.world_size
-        return total.item()
+            # Every rank holds the same model after every step, BatchNorm statistics included:
+            # what is evaluated, checkpointed, exported and resumed is one model.
+            average_running_stats(self.engine.module)
+        return total.item(), lr
 
     # -- evaluation -----------------------------------------------------------
     def evaluate(self) -> dict:
@@ -101,7 +111,7 @@ class Trainer:
         self.engine.train()
         if self.world.world_size > 1:
             dist.all_reduce(sums)
-        return eval_summary(sums)
+        return eval_summary(sums, self.cfg.model.num_classes)
 
     # -- state (one part of every checkpoint) ---------------------------------
     def state_dict(self) -> dict:
@@ -144,14 +154,14 @@ class Trainer:
         """Train to the end, or until a preemption request; checkpoints on the way."""
         batches = self._batches()
         while self.step < self.total_steps:
-            loss = self.train_step(next(batches))
+            loss, lr = self.train_step(next(batches))
             self.step += 1
             self.images_seen += self.cfg.train.global_batch
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {self.step}")
             final = self.step == self.total_steps
             if self.step % self.cfg.logging.interval_steps == 0 or final:
-                self._log_train(loss)
+                self._log_train(loss, lr)
             evaluated = final or bool(self.eval_every and self.step % self.eval_every == 0)
             if evaluated:
                 self._evaluate_and_log()
@@ -162,22 +172,24 @@ class Trainer:
                 return self._summary("preempted")
         return self._summary("completed")
 
-    def _log_train(self, loss: float) -> None:
-        lr = self.optimizer.param_groups[0]["lr"]
+    def _log_train(self, loss: float, lr: float) -> None:
         rate = self.progress.update(self.step, self.images_seen, loss=loss, lr=lr)
+        # skipped: fp16 steps DeepSpeed dropped after an overflow; they count as steps (their
+        # data was consumed and the schedule moved on) but changed no weight
         self.log.write("train", step=self.step, epoch=self.step / self.steps_per_epoch,
-                       loss=loss, lr=lr, img_per_s=rate, alr=self.optimizer.summary())
+                       loss=loss, lr=lr, img_per_s=rate, images_seen=self.images_seen,
+                       skipped_steps=self.engine.skipped_steps, alr=self.optimizer.summary())
 
     def _evaluate_and_log(self) -> None:
         self.last_eval = result = self.evaluate()
         self.log.write("eval", step=self.step, epoch=self.step / self.steps_per_epoch, **result)
         if self.world.is_main:
-            print(f"eval at step {self.step}: top-1 {result['top1']:.2f}%  "
-                  f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}", flush=True)
+            print(f"eval at step {self.step}: {eval_line(result)}", flush=True)
         self.progress.mark(self.step, self.images_seen)
 
     def _summary(self, status: str) -> dict:
-        return {"status": status, "steps": self.step, "eval": self.last_eval,
+        return {"status": status, "steps": self.step, "images_seen": self.images_seen,
+                "skipped_steps": self.engine.skipped_steps, "eval": self.last_eval,
                 "checkpoint_seconds": round(self.checkpointer.seconds, 3),
                 "peak_memory_bytes": peak_memory_bytes(self.world.device)}
 
@@ -208,6 +220,9 @@ def eval_sums(model, loader, dtype: torch.dtype, device: torch.device) -> torch.
     return sums
 
 
-def eval_summary(sums: torch.Tensor) -> dict:
+def eval_summary(sums: torch.Tensor, num_classes: int) -> dict:
+    """Mean loss, top-1 and top-5 (%); top-5 is None with 5 classes or fewer, where every
+    sample would count as a hit."""
     loss, top1, top5, n = sums.tolist()
-    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "samples": int(n)}
+    return {"loss": loss / n, "top1": 100 * top1 / n,
+            "top5": 100 * top5 / n if num_classes > 5 else None, "samples": int(n)}

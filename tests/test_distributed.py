@@ -127,7 +127,7 @@ def test_official_per_process_rule_depends_on_the_split():
     for p, g in zip((layer.weight for _, layer in adder_layers(model)), whole):
         p.grad = g.clone()
     opt = AdderSGD(param_groups(model, 0.0), lr=1.0, eta=eta)
-    opt.apply_alr()
+    opt.rescale_gradients()
     for (_, layer), g in zip(adder_layers(model), whole):
         assert torch.allclose(layer.weight.grad, alr(g), rtol=1e-5)
 

@@ -12,7 +12,7 @@ from functools import partial
 
 from torch import nn
 
-from addertrain.nn import AdderConv2d
+from addertrain.nn import AdderConv2d, BatchNorm2d
 
 
 def conv_factory(kind: str, backend: str):
@@ -74,7 +74,7 @@ class Head(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         if kind == "bn":
             self.fc = nn.Conv2d(features, num_classes, 1, bias=False)
-            self.bn = nn.BatchNorm2d(num_classes, momentum=bn_momentum)
+            self.bn = BatchNorm2d(num_classes, momentum=bn_momentum)
         else:
             self.fc, self.bn = nn.Linear(features, num_classes), None
 
@@ -122,7 +122,7 @@ def create_model(arch: str, conv: str = "adder", num_classes: int = 1000, head: 
     block, layers, widths, imagenet = ARCHS[arch]
     if head == "auto":
         head = "bn" if conv == "adder" else "linear"
-    bn = partial(nn.BatchNorm2d, momentum=bn_momentum)
+    bn = partial(BatchNorm2d, momentum=bn_momentum)
     if imagenet:
         stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), bn(64),
                              nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))

@@ -6,7 +6,8 @@ Every backend implements the same three functions on NCHW tensors:
     grad_input(g, x, w, stride, padding) -> gx          HardTanh rule
     grad_weight(g, x, w, stride, padding) -> gw         full-precision rule
 
-Outputs are in the input dtype; accumulation is in fp32 (fp64 for fp64 inputs).
+Backends return the input dtype and accumulate in fp32 (fp64 for fp64 inputs); the layer
+hands them fp32 (see ``_AdderFunction``).
 """
 
 from __future__ import annotations
@@ -53,21 +54,30 @@ def resolve_backend(name: str, device: torch.device) -> ModuleType:
 
 
 class _AdderFunction(torch.autograd.Function):
+    """The layer computes in fp32 (fp64 for fp64) whatever its inputs' precision: its output
+    goes to BatchNorm unrounded (addertrain/nn/norm.py says why), while the input saved for
+    the backward keeps its own, smaller dtype. Autograd casts the gradients back to it."""
+
     @staticmethod
     def forward(ctx, x, w, stride, padding, backend):
         ops = resolve_backend(backend, x.device)
         ctx.save_for_backward(x, w)
         ctx.conf = (stride, padding, ops)
+        x, w = _widen(x), _widen(w)
         return ops.forward(x, w, stride, padding)
 
     @staticmethod
     def backward(ctx, g):
-        x, w = ctx.saved_tensors
+        x, w = (_widen(t) for t in ctx.saved_tensors)
         stride, padding, ops = ctx.conf
-        g = g.contiguous()
+        g = _widen(g).contiguous()
         gx = ops.grad_input(g, x, w, stride, padding) if ctx.needs_input_grad[0] else None
         gw = ops.grad_weight(g, x, w, stride, padding) if ctx.needs_input_grad[1] else None
         return gx, gw, None, None, None
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def adder_conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0,
