@@ -4,7 +4,49 @@
 #                                                allocation, until stopped
 #   ray-node.sh stop RAY_TMP                     stop it gracefully, end any leftover Ray
 #                                                process of the job here, remove RAY_TMP
+# RAY_TMP is a name anyone on the node can guess, so it is used only as a folder of this user
+# that nobody else can enter; Ray's own temp dir (which Ray makes world-writable) lies inside.
 set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+fail() {
+    echo "addertrain-slurm: error: $(hostname): $*" >&2
+    exit 1
+}
+
+# True for a real folder (not a link) owned by this user with mode 700.
+private_dir() {
+    [[ $(stat -c '%F %u %a' -- "$1" 2>/dev/null) == "directory $(id -u) 700" ]]
+}
+
+# Create RAY_TMP with mode 700, or accept it only if it already is this user's private folder
+# (a requeued job finds its own after a node crash).
+make_private_dir() {
+    (umask 077 && mkdir -- "$1" 2>/dev/null)
+    private_dir "$1" && return
+    if [[ -e $1 || -L $1 ]]; then
+        local found
+        found=$(stat -c '%F, owner uid %u, mode %a' -- "$1")
+        fail "Ray temp dir $1 already exists and is not private to uid $(id -u) ($found);" \
+            "another user may have made it to reach this job's Ray sockets, so Ray is not" \
+            "started and the job is not requeued: remove it if it is yours, or set" \
+            "ADDERTRAIN_RAY_TMP to a folder only you can write"
+    fi
+    fail "cannot create the Ray temp dir $1; set ADDERTRAIN_RAY_TMP to an existing node-local folder"
+}
+
+# A worker node runs ray start only once the head's GCS port answers: ray start gives up
+# after about 20 s, and a head node can be slower than that to start.
+wait_for_head() {
+    local arg address=
+    for arg; do
+        [[ $arg != --address=* ]] || address=${arg#--address=}
+    done
+    [[ -n $address ]] || return 0
+    python3 "$here/wait_for_nodes.py" --address "$address" \
+        --timeout "${ADDERTRAIN_JOIN_TIMEOUT:-300}" || exit 1
+}
 
 gpus_on_node() {
     if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
@@ -35,11 +77,12 @@ marked_pids() {
 start() {
     local ray_tmp=$1 ray_pid rc stopping=
     shift
-    mkdir -p "$ray_tmp" || exit 1
+    make_private_dir "$ray_tmp"
+    wait_for_head "$@"
     # No drain on SIGTERM: it waits up to 30 s for work to move elsewhere, and here the
     # whole cluster stops because the run has ended.
     ADDERTRAIN_RAY_JOB=$SLURM_JOB_ID RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
-        ray start "$@" --temp-dir="$ray_tmp" \
+        ray start "$@" --temp-dir="$ray_tmp/ray" \
         --num-cpus="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}" \
         --num-gpus="$(gpus_on_node)" --block &
     ray_pid=$!
@@ -59,8 +102,10 @@ start() {
 }
 
 stop() {
-    local ray_tmp=$1 pid left
-    pid=$(cat "$ray_tmp/node.pid" 2>/dev/null)
+    local ray_tmp=$1 pid= left
+    # Someone else's folder under this name: read nothing from it, remove nothing.
+    private_dir "$ray_tmp" || ray_tmp=
+    [[ -z $ray_tmp ]] || pid=$(cat "$ray_tmp/node.pid" 2>/dev/null)
     if [[ -n $pid ]] && grep -qszx "SLURM_JOB_ID=$SLURM_JOB_ID" "/proc/$pid/environ"; then
         kill -TERM "$pid"
         for _ in $(seq 90); do
@@ -79,7 +124,7 @@ stop() {
         done
         ((${#left[@]} == 0)) || kill -KILL "${left[@]}" 2>/dev/null
     fi
-    rm -rf "$ray_tmp"
+    [[ -z $ray_tmp ]] || rm -rf "$ray_tmp"
 }
 
 case ${1:-} in

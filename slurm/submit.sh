@@ -95,7 +95,7 @@ fi
 # Check the recipe with the code the run uses, when this machine has the environment.
 py=${ADDERTRAIN_VENV:+$ADDERTRAIN_VENV/bin/}python3
 if "$py" -c "import addertrain.config" 2>/dev/null; then
-    "$py" "$here/check_recipe.py" "$recipe" "${overrides[@]}" || exit 2
+    "$py" "$here/check_recipe.py" --gpus-per-node "$gpus" "$recipe" "${overrides[@]}" || exit 2
 fi
 
 cmd=(sbatch --parsable --nodes="$nodes" --signal="B:USR1@$warn" "${sbatch_args[@]}"

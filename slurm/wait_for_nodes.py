@@ -1,10 +1,12 @@
 """Wait until the job's Ray cluster has all its nodes, or fail naming what is missing.
 
-    python wait_for_nodes.py --address HOST:PORT --nodes N [--timeout S] [--watch PID ...]
+    python wait_for_nodes.py --address HOST:PORT [--nodes N] [--timeout S] [--watch PID ...]
 
-Exit 0 once N nodes are alive; 1 on timeout, or as soon as a watched process (the srun steps
-that run Ray) has exited, since the cluster can then never be complete. Connecting needs the
-job's token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH), which addertrain.sbatch exports.
+Exit 0 once N nodes are alive (without --nodes: once the head's GCS port answers, which is
+what a worker node waits for before its ray start); 1 on timeout, or as soon as a watched
+process (the srun steps that run Ray) has exited, since the cluster can then never be
+complete. Connecting needs the job's token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH), which
+addertrain.sbatch exports.
 """
 
 from __future__ import annotations
@@ -51,14 +53,16 @@ class Waiter:
 
 
 def fail(message: str) -> None:
-    print(f"addertrain-slurm: error: {message}", file=sys.stderr, flush=True)
+    print(f"addertrain-slurm: error: {socket.gethostname()}: {message}", file=sys.stderr,
+          flush=True)
     sys.exit(1)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--address", required=True, help="the Ray head, HOST:PORT")
-    p.add_argument("--nodes", type=int, required=True, help="how many nodes must join")
+    p.add_argument("--nodes", type=int,
+                   help="how many nodes must join; without it, wait only for the head to listen")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait in all")
     p.add_argument("--watch", type=int, nargs="*", default=[], help="PIDs that must stay alive")
     args = p.parse_args()
@@ -68,6 +72,8 @@ def main() -> None:
     while not accepts(host, int(port)):
         waiter.check(f"the Ray head to listen at {args.address}")
         time.sleep(0.5)
+    if args.nodes is None:
+        return
 
     import ray
 

@@ -7,9 +7,12 @@ Slurm would give such a job; everything else runs as real jobs.
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import re
 import shlex
+import socket
 import stat
 import subprocess
 import sys
@@ -168,6 +171,118 @@ def test_join_wait_names_what_it_waited_for(tmp_path):
     assert r.returncode == 1 and f"(pid {gone.pid}) exited" in r.stderr
 
 
+def ray_node_start(tmp_path: Path, ray_tmp: Path, *ray_args: str, **env) -> subprocess.Popen:
+    """ray-node.sh start as an srun task runs it, but with no `ray` on PATH: whatever the script
+    lets through to ray start ends there with "ray: command not found", and no Ray starts."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "python3").exists():
+        (bin_dir / "python3").symlink_to(sys.executable)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "31337", **env}
+    return subprocess.Popen(["bash", str(SLURM / "ray-node.sh"), "start", str(ray_tmp), *ray_args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_worker_node_waits_for_the_head_before_ray_start(tmp_path):
+    # A head slower than ray start's own ~20 s of retries used to fail the worker step.
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        port = head.getsockname()[1]
+        worker = ray_node_start(tmp_path, tmp_path / "rt", f"--address=127.0.0.1:{port}")
+        try:
+            time.sleep(1.5)
+            assert worker.poll() is None, \
+                f"the worker did not wait for the head: {worker.communicate()[1]}"
+            head.listen()
+            _, err = worker.communicate(timeout=60)
+        finally:
+            worker.kill()
+        head.settimeout(5)
+        head.accept()[0].close()  # the worker's probe of the head's GCS port
+    assert "ray: command not found" in err, err
+
+    # A head that never listens: a clear error after ADDERTRAIN_JOIN_TIMEOUT, no ray start.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        worker = ray_node_start(tmp_path, tmp_path / "rt2",
+                                f"--address=127.0.0.1:{closed.getsockname()[1]}",
+                                ADDERTRAIN_JOIN_TIMEOUT="1")
+        _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 1, err
+    assert re.search(r"addertrain-slurm: error: .+: timed out after 1 s waiting for the Ray head "
+                     r"to listen at 127\.0\.0\.1:\d+; raise ADDERTRAIN_JOIN_TIMEOUT", err), err
+    assert "command not found" not in err
+
+
+def foreign_dir(kind: str, path: Path) -> None:
+    """A Ray temp dir made by someone else before the job: open to all, another user's, a link."""
+    if kind == "world-writable":
+        path.mkdir()
+        path.chmod(0o777)
+    elif kind == "other-owner":
+        if os.geteuid():
+            pytest.skip("giving a folder to another user needs root")
+        path.mkdir(mode=0o700)
+        nobody = pwd.getpwnam("nobody")
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    else:
+        target = path.with_name("elsewhere")
+        target.mkdir(mode=0o700)
+        path.symlink_to(target)
+    (path / "planted").write_text("not the job's")
+
+
+@pytest.mark.parametrize("kind", ["world-writable", "other-owner", "symlink"])
+def test_ray_node_refuses_a_temp_dir_it_does_not_own(tmp_path, kind):
+    ray_tmp = tmp_path / f"ray-{os.getuid()}-31337"
+    foreign_dir(kind, ray_tmp)
+    node = ray_node_start(tmp_path, ray_tmp, "--head")
+    _, err = node.communicate(timeout=60)
+    assert node.returncode == 1, err
+    assert f"Ray temp dir {ray_tmp} already exists and is not private to uid {os.getuid()}" in err
+    assert "not requeued" in err and "ADDERTRAIN_RAY_TMP" in err
+    assert "command not found" not in err
+    # Stopping the job's Ray on the node reads and removes nothing there either.
+    r = subprocess.run(["bash", str(SLURM / "ray-node.sh"), "stop", str(ray_tmp)],
+                       env={**os.environ, "SLURM_JOB_ID": "31337"}, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in ray_tmp.iterdir()) == ["planted"]
+
+
+def test_ray_node_makes_its_temp_dir_private(tmp_path):
+    ray_tmp = tmp_path / "ray-private"
+    node = ray_node_start(tmp_path, ray_tmp, "--head")
+    _, err = node.communicate(timeout=60)
+    # Ray itself makes its temp dir world-writable: it gets a folder inside this one.
+    assert "ray: command not found" in err, err
+    assert stat.S_IMODE(ray_tmp.stat().st_mode) == 0o700
+    assert ray_tmp.stat().st_uid == os.getuid()
+
+
+@pytest.mark.parametrize("gpus, overrides, message", [
+    (None, ["distributed.zero_stage=3"], "distributed.zero_stage=3 is not supported"),
+    # The digits recipe's Ray workers have no GPU, whatever the login node has.
+    (None, ["train.precision=fp16"], "train.precision=fp16 needs a CUDA device"),
+    ("0", ["distributed.executor=local", "train.precision=fp16"], "needs a CUDA device"),
+    ("1", ["train.precision=fp16", "distributed.gpus_per_worker=1"], None),
+    ("2", ["distributed.executor=local", "train.precision=fp16"], None),
+    (None, ["train.micro_batch=16", "distributed.workers=3"], "cannot be split|must be a multiple"),
+], ids=["zero3", "fp16-cpu-workers", "fp16-local-no-gpu", "fp16-gpu-workers", "fp16-local-gpu",
+        "batch-split"])
+def test_check_recipe_runs_the_checks_launch_runs_before_workers_start(gpus, overrides, message):
+    cmd = [sys.executable, str(SLURM / "check_recipe.py")]
+    if gpus is not None:
+        cmd += ["--gpus-per-node", gpus]
+    r = subprocess.run(cmd + [str(RECIPE), *overrides], capture_output=True, text=True, timeout=120)
+    if message is None:
+        assert r.returncode == 0, r.stderr
+        return
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(r"addertrain: error: .*(" + message + ")", lines[0]), lines
+
+
 def test_submit_checks_the_recipe_before_queueing(slurm, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("run: {name: check}\n")
@@ -177,6 +292,12 @@ def test_submit_checks_the_recipe_before_queueing(slurm, tmp_path):
     r = slurm.run(str(SLURM / "submit.sh"), str(tmp_path / "missing.yaml"), cwd=tmp_path,
                   check=False)
     assert r.returncode == 2 and "missing.yaml does not exist" in r.stderr
+    r = slurm.run(str(SLURM / "submit.sh"), str(recipe), "train.precision=fp16", cwd=tmp_path,
+                  check=False)
+    assert r.returncode == 2 and "train.precision=fp16 needs a CUDA device" in r.stderr, r.stderr
+    r = slurm.run(str(SLURM / "submit.sh"), str(recipe), "--gpus-per-node", "1",
+                  "train.precision=fp16", "--dry-run", cwd=tmp_path, check=False)
+    assert r.returncode == 0, r.stderr
     r = slurm.run(str(SLURM / "submit.sh"), str(recipe), "--nodes", "2", "--gpus-per-node", "2",
                   "--time", "1:00:00", "--dry-run", cwd=tmp_path, check=False)
     assert r.returncode == 0, r.stderr
@@ -220,6 +341,9 @@ def digits_jobs(slurm, tmp_path_factory):
         job["token"] = token.read_text()
         job["modes"] = (stat.S_IMODE(token.stat().st_mode),
                         stat.S_IMODE(token.parent.stat().st_mode))
+        ray_tmp = Path(f"/tmp/ray-{os.getuid()}-{job['id']}")
+        job["ray_tmp"] = (stat.S_IMODE(ray_tmp.stat().st_mode), ray_tmp.stat().st_uid,
+                          (ray_tmp / "ray" / "session_latest").exists())
     slurm.run("scancel", "--batch", "--signal=USR1", pre["id"])
     wait_job(slurm, pre["id"], until=lambda job: job.get("Restarts") == "1")
     for job in (ref, pre):
@@ -235,8 +359,10 @@ def test_digits_job_completes_with_checkpoints_and_metrics(digits_jobs):
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log
     assert job["Restarts"] == "0"
     assert (run_dir / "metrics.jsonl").read_text().splitlines(), "metrics.jsonl is empty"
-    assert list(run_dir.rglob("*checkpoint*")) or list(run_dir.rglob("latest")), \
-        f"no checkpoint under {run_dir}: {sorted(p.name for p in run_dir.rglob('*'))}"
+    latest = run_dir / "checkpoints" / "latest"
+    assert latest.is_file(), f"no published checkpoint: {sorted(map(str, run_dir.rglob('*')))}"
+    meta = json.loads((latest.parent / latest.read_text().strip() / "meta.json").read_text())
+    assert meta["step"] > 0
     assert (run_dir / FINAL_WEIGHTS).is_file()
     assert "Ray nodes joined" in log and "run finished" in log
     assert not token_path(ref["cwd"], ref["id"]).parent.exists(), "token folder left behind"
@@ -272,6 +398,8 @@ def test_two_jobs_on_one_node_keep_their_own_cluster_and_token(digits_jobs):
     for job in (ref, pre):
         # readable by the job's user only, never printed
         assert job["modes"] == (0o600, 0o700)
+        # Ray's sockets live in a folder only the job's user can enter
+        assert job["ray_tmp"] == (0o700, os.getuid(), True)
         assert len(job["token"]) == 64
         assert ref["token"] not in job["log"] and pre["token"] not in job["log"]
     assert ref["token"] != pre["token"]
@@ -294,12 +422,36 @@ def test_requeue_cap_ends_the_job(slurm, tmp_path):
     assert_nothing_left(job_id)
 
 
+def test_job_refuses_a_ray_temp_dir_made_by_someone_else(slurm, tmp_path):
+    # The job ID is known only once queued: hold the job, plant the folder, release it.
+    rt = tmp_path / "rt"
+    rt.mkdir()
+    r = slurm.run("sbatch", "--parsable", "--hold", "--cpus-per-task=2",
+                  str(SLURM / "addertrain.sbatch"), str(RECIPE), f"run.dir={tmp_path / 'runs'}",
+                  cwd=tmp_path, env={**slurm.env, "ADDERTRAIN_RAY_TMP": str(rt)})
+    job_id = r.stdout.strip().split(";")[0]
+    ray_tmp = rt / f"ray-{os.getuid()}-{job_id}"
+    foreign_dir("world-writable", ray_tmp)
+    slurm.run("scontrol", "release", job_id)
+    job = wait_job(slurm, job_id, timeout=120)
+    log = job_log(tmp_path, job_id)
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "1:0", log
+    assert job["Restarts"] == "0"
+    assert f"Ray temp dir {ray_tmp} already exists and is not private" in log, log
+    assert "Ray did not start on every node (error above); not requeued" in log
+    assert "Traceback" not in log and "Ray nodes joined" not in log
+    assert sorted(p.name for p in ray_tmp.iterdir()) == ["planted"]
+    assert_nothing_left(job_id)
+
+
 @pytest.mark.parametrize("bad, message, ray_started", [
     # caught by the batch script before any Ray process starts
     ("optim.lrr=0.1", "unknown key optim.lrr", False),
+    # launch's engine checks, also run by the batch script before Ray starts
+    ("distributed.zero_stage=3", "distributed.zero_stage=3 is not supported", False),
     # caught by addertrain launch on the running cluster
     ("data.root={tmp}/no-such-dataset", "no-such-dataset", True),
-], ids=["recipe", "dataset"])
+], ids=["recipe", "engine", "dataset"])
 def test_bad_input_fails_fast_and_is_not_requeued(slurm, tmp_path, bad, message, ray_started):
     # Straight to sbatch: submit.sh would refuse the recipe typo before queueing.
     r = slurm.run("sbatch", "--parsable", "--cpus-per-task=2", str(SLURM / "addertrain.sbatch"),
