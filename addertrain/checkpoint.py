@@ -11,9 +11,11 @@
 
 A checkpoint is written under its ``tmp-`` name by every rank, then rank 0 renames it and
 replaces ``latest``, so a crash at any point leaves the previous checkpoint the latest.
-Our own state is JSON, so resuming unpickles nothing of ours; DeepSpeed's ``.pt`` files are
-first read with ``torch.load(weights_only=True)`` by :func:`verify_tensors` (DeepSpeed itself
-loads them with ``weights_only=False``).
+Our own state is JSON, so resuming unpickles nothing of ours. DeepSpeed picks the names of the
+``.pt`` files it loads itself and unpickles them with ``weights_only=False``, so every process
+that loads a checkpoint first runs :func:`verify` on it (every file listed in meta.json with its
+size, nothing else in the folder, every ``.pt`` readable with ``weights_only=True``), and the
+workers force ``weights_only=True`` on every ``torch.load`` besides (:mod:`addertrain.worker`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -35,6 +38,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
 TMP = "tmp-"
+TAG = re.compile(r"step\d{8,}")  # what tag_for writes
 FORMAT = 1
 # Recipe keys (and sections) a resume must keep: they fix the model, the data order, the
 # optimizer and schedule, and the meaning of a step. --allow-change lifts them one by one.
@@ -139,8 +143,17 @@ def resolve(spec: str, run_dir: Path) -> Path | None:
     return path
 
 
+def _entries(path: Path) -> dict[str, Path]:
+    """Everything under a checkpoint directory but plain directories (files, links, sockets),
+    by name relative to it."""
+    return {p.relative_to(path).as_posix(): p for p in path.rglob("*")
+            if p.is_symlink() or not p.is_dir()}
+
+
 def read_meta(path: Path) -> dict:
-    """The metadata of a complete checkpoint, after checking that every file is there, whole."""
+    """The metadata of a complete checkpoint, after checking that every file it lists is there,
+    whole, and that the folder holds nothing else: DeepSpeed finds its files by name pattern, so
+    an unlisted ``.pt`` would be unpickled without ever being verified."""
     try:
         meta = json.loads((path / META).read_text())
     except (OSError, ValueError) as e:
@@ -149,30 +162,76 @@ def read_meta(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this addertrain version (format "
                         f"{meta.get('format') if isinstance(meta, dict) else None}, expected {FORMAT})")
-    for name, size in meta["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise UserError(f"{f} is missing: the checkpoint is incomplete; resume from another one "
-                            f"in {path.parent}")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(type(size) is int for size in files.values()):
+        raise UserError(f"{path / META} has no valid list of files; the checkpoint is damaged, resume "
+                        f"from another one in {path.parent}")
+    entries = _entries(path)
+    for name, size in files.items():
+        f = entries.get(name)
+        if f is None or f.is_symlink() or not f.is_file():
+            raise UserError(f"{path / name} is missing (or not a regular file inside {path}): the "
+                            f"checkpoint is incomplete; resume from another one in {path.parent}")
         if f.stat().st_size != size:
             raise UserError(f"{f} has {f.stat().st_size} bytes where {size} were written: it is "
                             f"truncated or damaged; resume from another checkpoint in {path.parent}")
+    unlisted = sorted(entries.keys() - files.keys() - {META})
+    if unlisted:
+        shown = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
+        raise UserError(f"{path} holds {len(unlisted)} file(s) that its {META} does not list ({shown}); "
+                        "they were not written with the checkpoint and would be loaded unverified: "
+                        "remove them if you know where they come from, or use another checkpoint")
     return meta
+
+
+def _unpickle_reason(e: Exception) -> str:
+    """The part of torch's long weights-only message that says what was found."""
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    first = next((part for part in text.split("\n\n") if part.strip()), "")
+    return " ".join(first.split()).split(". ")[0][:200]
+
+
+def deepspeed_types() -> list:
+    """The DeepSpeed classes its ZeRO and bf16 optimizer states pickle (fragment addresses, the
+    loss scaler, the ZeRO stage): plain data, built without running code of theirs, so they are
+    allowed in weights-only loads."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
 
 
 def verify_tensors(path: Path, meta: dict) -> None:
     """Read every DeepSpeed file with ``weights_only=True``: only tensors and plain data, so
-    DeepSpeed's own unrestricted load afterwards runs no code from the file."""
+    DeepSpeed's own load afterwards runs no code from the file."""
     import torch
 
     for name in meta["files"]:
         if name.endswith(".pt"):
             try:
-                torch.load(path / name, map_location="cpu", weights_only=True)
+                with torch.serialization.safe_globals(deepspeed_types()):
+                    torch.load(path / name, map_location="cpu", weights_only=True)
             except Exception as e:  # torch raises several types for damaged or unsafe files
                 raise UserError(f"{path / name} cannot be read as tensors and plain data "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); it is damaged "
-                                "or holds arbitrary objects; resume from another checkpoint") from None
+                                f"({type(e).__name__}: {_unpickle_reason(e)}); it is damaged or holds "
+                                "arbitrary objects (code that would run on loading); use another "
+                                "checkpoint") from None
+
+
+def summary(error: Exception) -> str:
+    """The first two lines of an error, for a one-line message (torch's load_state_dict puts
+    the first mismatch on the second)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:240]
+
+
+def verify(path: Path) -> dict:
+    """Everything checked before a checkpoint is loaded (:func:`read_meta`,
+    :func:`verify_tensors`), in the process that loads it; returns the metadata."""
+    meta = read_meta(path)
+    verify_tensors(path, meta)
+    return meta
 
 
 def check_world(meta: dict, path: Path, world_size: int, recipe: dict) -> None:
@@ -242,6 +301,38 @@ class RNGState:
         torch.set_rng_state(_tensor(state["torch"]))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([_tensor(s) for s in state["cuda"]])
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+def _own(folder: Path) -> list[tuple[Path, dict]]:
+    """The checkpoints retention may delete: direct subfolders named stepNNNNNNNN whose meta.json
+    has that step. A tag read from meta.json is never used as a path, so neither a tampered tag
+    nor a copy under another name (a backup) can make retention delete something else."""
+    own = []
+    for p in folder.iterdir():
+        if not TAG.fullmatch(p.name) or p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            meta = json.loads((p / META).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and type(meta.get("step")) is int and tag_for(meta["step"]) == p.name:
+            own.append((p, meta))
+    return own
+
+
+def retain(folder: Path, keep_last: int, keep_best: int, current: Path) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints, the ``keep_best`` by validation top-1
+    and ``current`` (the one just published); returns the deleted."""
+    own = sorted(_own(folder), key=lambda entry: entry[1]["step"])
+    keep = {p for p, _ in own[-keep_last:]} | {current}
+    scored = [(p, m["top1"]) for p, m in own if type(m.get("top1")) in (int, float)]
+    keep |= {p for p, _ in sorted(scored, key=lambda entry: -entry[1])[:keep_best]}
+    gone = [p for p, _ in own if p not in keep]
+    for p in gone:
+        shutil.rmtree(p)
+    return gone
 
 
 # -- the manager --------------------------------------------------------------------------------
@@ -321,7 +412,7 @@ class Checkpointer:
             if os.environ.get(CRASH_BEFORE_PUBLISH) == str(step):
                 os.kill(os.getpid(), signal.SIGKILL)
             self._publish(tmp, final)
-            self._retain()
+            self._retain(final)
         dist.barrier()
         self.last_save = time.monotonic()
         self.seconds += time.perf_counter() - start
@@ -339,18 +430,11 @@ class Checkpointer:
         os.replace(pointer, self.dir / LATEST)
         _fsync_dir(self.dir)
 
-    def _retain(self) -> None:
-        """Keep the last ``keep_last`` checkpoints and the ``keep_best`` by validation top-1."""
+    def _retain(self, current: Path) -> None:
         c = self.cfg.checkpoint
-        metas = sorted((json.loads((p / META).read_text()) for p in self.dir.iterdir()
-                        if (p / META).is_file() and not p.name.startswith(TMP)),
-                       key=lambda m: m["step"])
-        keep = {m["tag"] for m in metas[-c.keep_last:]}
-        scored = sorted((m for m in metas if m["top1"] is not None), key=lambda m: -m["top1"])
-        keep |= {m["tag"] for m in scored[:c.keep_best]}
-        for m in metas:
-            if m["tag"] not in keep:
-                shutil.rmtree(self.dir / m["tag"])
+        for path in retain(self.dir, c.keep_last, c.keep_best, current):
+            print(f"removed the checkpoint {path} (checkpoint.keep_last={c.keep_last}, "
+                  f"keep_best={c.keep_best})", flush=True)
 
     def _report_to_ray(self, path: Path, step: int, top1: float | None) -> None:
         """Tell Ray Train about the checkpoint (it lies in the run directory, which is the Ray
@@ -366,9 +450,17 @@ class Checkpointer:
 
     def load(self, path: Path) -> dict:
         """Restore the engine and this rank's parts from ``path``; returns its metadata."""
-        meta = read_meta(path)
-        check_world(meta, path, self.world.world_size, self.cfg.to_dict())
-        loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        meta = verify(path)  # here too: this process may not be the one that checked it at launch
+        recipe = self.cfg.to_dict()
+        check_world(meta, path, self.world.world_size, recipe)
+        import torch
+
+        try:
+            with torch.serialization.safe_globals(deepspeed_types()):  # the workers load weights only
+                loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        except (RuntimeError, ValueError, KeyError) as e:  # torch's strict load_state_dict and
+            # the optimizer's group check, when --allow-change let the shapes change
+            raise UserError(_mismatch_message(path, meta, recipe, e)) from None
         if loaded is None:
             raise UserError(f"DeepSpeed found no model state in {path}; resume from another checkpoint")
         own = path / f"rank{min(self.world.rank, meta['world_size'] - 1)}.json"
@@ -376,3 +468,13 @@ class Checkpointer:
         for name, part in self.parts.items():
             part.load_state_dict(state[name])
         return meta
+
+
+def _mismatch_message(path: Path, meta: dict, recipe: dict, error: Exception) -> str:
+    saved = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
+    keys = ", ".join(changed_keys(saved, recipe)) or "no protected key"
+    return (f"the state in checkpoint {path} does not fit this recipe's model or optimizer "
+            f"({type(error).__name__}: {summary(error)}); the recipe changed {keys}: "
+            "--allow-change takes changes that keep the weights' shapes (e.g. schedule.epochs), not "
+            "another architecture or number of classes; resume with the checkpoint's values, or "
+            "start afresh under a new run.name")

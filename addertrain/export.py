@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from addertrain import checkpoint
 from addertrain.errors import UserError
 
 HELP = "write a checkpoint's model alone (safetensors + config.yaml) for evaluation or fine-tuning"
@@ -41,13 +42,18 @@ def checkpoint_model(spec: str | Path) -> tuple[dict, dict, Path]:
     """(model state dict, recipe, checkpoint path) of a checkpoint, read with weights_only."""
     import torch
 
-    from addertrain import checkpoint
-
     path = checkpoint.find(spec)
-    meta = checkpoint.read_meta(path)
-    checkpoint.verify_tensors(path, meta)
-    state = torch.load(path / DEEPSPEED_MODEL, map_location="cpu", weights_only=True)
-    return state["module"], meta["recipe"], path
+    meta = checkpoint.verify(path)
+    state = (torch.load(path / DEEPSPEED_MODEL, map_location="cpu", weights_only=True)
+             if DEEPSPEED_MODEL in meta["files"] else None)
+    module = state.get("module") if isinstance(state, dict) else None
+    if not (isinstance(module, dict) and module and all(torch.is_tensor(v) for v in module.values())
+            and isinstance(meta.get("recipe"), dict)):
+        raise UserError(f"{path} holds no model weights addertrain can read (a {DEEPSPEED_MODEL} "
+                        "with a 'module' of tensors, and the recipe in meta.json); it is not a "
+                        "checkpoint of a ZeRO 0-2 addertrain run: pass another checkpoint or an "
+                        "export folder")
+    return module, meta["recipe"], path
 
 
 def load_model(spec: str | Path):
@@ -77,7 +83,7 @@ def load_model(spec: str | Path):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"the weights in {path} do not fit the model its config describes "
-                        f"({str(e).splitlines()[0]})") from None
+                        f"({checkpoint.summary(e)})") from None
     return model.eval(), cfg
 
 

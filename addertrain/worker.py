@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
@@ -15,6 +14,10 @@ def worker_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                           os.path.expanduser("~/.cache/addertrain/torch_extensions"))
+    # DeepSpeed unpickles checkpoints with weights_only=False; torch reads this switch on every
+    # load, so no file swapped in after checkpoint.verify can run code in a worker either.
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
 
 def train_worker(cfg_dict: dict) -> None:
@@ -30,7 +33,9 @@ def train_worker(cfg_dict: dict) -> None:
     trainer = Trainer(cfg, world)
     # The run's own latest checkpoint comes first: after a failure Ray restarts the workers
     # with the same arguments, and they must continue, not go back to the launch's start.
-    start = checkpoint.latest(cfg.run_dir()) or (cfg.checkpoint.resume and Path(cfg.checkpoint.resume))
+    # Whichever it is, Checkpointer.load verifies it here, in the process that unpickles it.
+    start = checkpoint.latest(cfg.run_dir()) or (cfg.checkpoint.resume and
+                                                 checkpoint.find(cfg.checkpoint.resume))
     if start:
         trainer.resume(start)
     result = trainer.fit()
