@@ -17,6 +17,8 @@ COMMANDS = {
     (None, "launch"): "addertrain.launch.command",
     (None, "export"): "addertrain.export",
     (None, "eval"): "addertrain.evaluate",
+    (None, "report"): "addertrain.report",
+    (None, "ops"): "addertrain.opcount",
     ("bench", "op"): "addertrain.bench.op",
     ("bench", "kernels"): "addertrain.bench.kernels",
     ("bench", "data"): "addertrain.bench.data",
@@ -67,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"addertrain: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("addertrain: interrupted", file=sys.stderr)
+        # Ctrl-C stops at once, without a checkpoint; SIGTERM/SIGUSR1 checkpoint first (exit 75).
+        print("addertrain: interrupted (no checkpoint written now; a launch continues from its "
+              "last checkpoint with --resume auto)", file=sys.stderr)
         return 130
 
 

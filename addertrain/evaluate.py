@@ -25,6 +25,7 @@ def run(args) -> int:
     from addertrain.errors import UserError
     from addertrain.export import load_model
     from addertrain.launch.command import prepare_data
+    from addertrain.metrics import eval_line
     from addertrain.trainer import eval_sums, eval_summary
 
     if args.batch < 1:
@@ -38,13 +39,14 @@ def run(args) -> int:
     if args.split:
         tree["data"]["val_split"] = args.split
     cfg = config.from_dict(tree, "the evaluation settings")
-    prepare_data(cfg)
+    prepare_data(cfg, training=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = build_loader(cfg, "val", args.batch, 0, 1, device)
-    result = eval_summary(eval_sums(model.to(device), loader, torch.float32, device))
+    result = eval_summary(eval_sums(model.to(device), loader, torch.float32, device),
+                          cfg.model.num_classes)
     source = cfg.data.root if cfg.data.source == "folder" else "synthetic data"
     print(f"{args.path} on {source} ({cfg.data.val_split}, {result['samples']} images): "
-          f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
+          f"{eval_line(result)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"path": str(args.path), "data": source, **result}, f, indent=2)

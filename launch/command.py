@@ -1,7 +1,8 @@
 """``addertrain launch RECIPE [key.path=value ...]``: check everything, then start the workers.
 
 Exit codes: 0 done, 2 bad input, 75 checkpointed and stopped after SIGTERM/SIGUSR1 (resume
-with ``--resume auto``)."""
+with ``--resume auto``), 130 interrupted (Ctrl-C: no checkpoint is written; ``--resume auto``
+continues from the last periodic one)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import shutil
 import time
 from pathlib import Path
 
-from addertrain import config, preempt
+from addertrain import config, preempt, runlock
 from addertrain.errors import UserError
-from addertrain.metrics import MetricsLog
+from addertrain.metrics import MetricsLog, eval_line
 
 HELP = "train a recipe (YAML) with optional key.path=value overrides"
 
@@ -35,10 +36,19 @@ def add_arguments(p) -> None:
                         "schedule.epochs); repeatable")
 
 
-def prepare_data(cfg: config.Config) -> list[str] | None:
-    """Build a missing dataset the recipe knows how to make, then check the layout cheaply,
-    so a bad dataset stops the run before any worker starts."""
+def prepare_data(cfg: config.Config, training: bool = True) -> list[str] | None:
+    """Build a missing dataset the recipe knows how to make, then check what the run will read
+    (the layout, and the first bytes of the files: run.data_check) and, when training, that
+    the run directory takes writes, so that bad input stops the run before any worker starts.
+    ``training`` False: the run only evaluates, and reads the validation split alone."""
+    if training:
+        from addertrain.storage import check_writable
+
+        check_writable(cfg.run_dir())
     if cfg.data.source != "folder":
+        if training:
+            # SyntheticLoader drops a ragged tail: an epoch is size // global_batch steps
+            check_epoch_fits(cfg, cfg.data.synthetic.train_size, full_batches_only=True)
         return None
     root = Path(cfg.data.root).expanduser()
     if cfg.data.prepare == "digits" and not root.exists():
@@ -46,16 +56,40 @@ def prepare_data(cfg: config.Config) -> list[str] | None:
 
         print(f"preparing the digits dataset in {root}", flush=True)
         prepare_digits(root, cfg.data.image_size)
-    from addertrain.data.check import quick_check
+    from addertrain.data.check import SAMPLE, quick_check
     from addertrain.data.folder import class_names
 
-    quick_check(root, cfg.data.train_split, cfg.data.val_split)
-    classes = class_names(root, cfg.data.train_split)
+    d = cfg.data
+    start = time.perf_counter()
+    found = quick_check(root, d.train_split, d.val_split,
+                        read=(d.train_split, d.val_split) if training else (d.val_split,),
+                        sample=SAMPLE if cfg.run.data_check == "sample" else None)
+    print(f"dataset {root}: {found['images'][d.train_split]} training and "
+          f"{found['images'][d.val_split]} validation images; opened {found['checked']} in "
+          f"{time.perf_counter() - start:.1f} s (run.data_check={cfg.run.data_check})", flush=True)
+    classes = class_names(root, d.train_split)
     if len(classes) != cfg.model.num_classes:
-        raise UserError(f"{root / cfg.data.train_split} has {len(classes)} class folders but "
+        raise UserError(f"{root / d.train_split} has {len(classes)} class folders but "
                         f"model.num_classes is {cfg.model.num_classes}; set model.num_classes="
                         f"{len(classes)} or point data.root at the intended dataset")
+    if training:
+        check_epoch_fits(cfg, found["images"][d.train_split], full_batches_only=False)
     return classes
+
+
+def check_epoch_fits(cfg: config.Config, images: int, full_batches_only: bool) -> None:
+    """An epoch must hold at least one optimizer step; the trainer cannot schedule less.
+    ``full_batches_only``: the loader drops a ragged tail instead of padding it."""
+    from addertrain.data.sharding import steps_per_epoch
+    from addertrain.engine import batch_split
+
+    workers = cfg.distributed.workers
+    micro, accum = batch_split(cfg, workers)
+    steps = images // (micro * workers) if full_batches_only else steps_per_epoch(images, workers, micro)
+    if steps < accum:
+        raise UserError(f"the training data has {images} images, less than one optimizer step of "
+                        f"train.global_batch={cfg.train.global_batch}; lower train.global_batch "
+                        f"to {images} or less, or use more data")
 
 
 def worker_device_type(cfg: config.Config) -> str:
@@ -96,6 +130,17 @@ def choose_start(cfg: config.Config, spec: str, allow: list[str], smoke: bool) -
     print(f"resuming from {path} (step {meta['step']})", flush=True)
 
 
+def check_address(cfg: config.Config, address: str | None, smoke: bool) -> None:
+    """``--address`` only means something to the Ray executor: never drop it silently."""
+    if address and cfg.distributed.executor == "local":
+        if smoke:
+            raise UserError(f"--address {address} joins a Ray cluster, but --smoke runs on one "
+                            "local device; drop --address")
+        raise UserError(f"--address {address} joins a Ray cluster, but distributed.executor=local "
+                        "runs the worker in this process; drop --address, or set "
+                        "distributed.executor=ray")
+
+
 def execute(cfg: config.Config, address: str | None = None) -> None:
     if cfg.distributed.executor == "local":
         from addertrain.launch import local
@@ -120,12 +165,35 @@ def run(args) -> int:
         cfg, notes = smoke.shrink(cfg)
         for note in notes:
             print(f"smoke: {note}", flush=True)
-    preempt.clear(cfg.run_dir())
-    preempt.install_handlers(cfg.run_dir())
+    check_address(cfg, args.address, args.smoke)
     from addertrain.engine import batch_split, check_precision
 
     batch_split(cfg, cfg.distributed.workers)
     check_precision(cfg, worker_device_type(cfg))
+    from addertrain.distributed import launcher_rank
+
+    if launcher_rank() != 0:  # another rank of torchrun/srun: rank 0 holds the lock
+        return train(cfg, args, notes)
+    # Nothing in the run directory is touched before the lock: a second launch into a live
+    # run must not delete its stop request, summary or half-written checkpoint.
+    lock = runlock.acquire(cfg.run_dir())
+    try:
+        return train(cfg, args, notes)
+    except UserError:
+        from addertrain import checkpoint
+
+        # Bad input leaves no empty run directory behind (never one that existed before).
+        if lock.created and checkpoint.latest(cfg.run_dir()) is None:
+            lock.discard()
+        raise
+    finally:
+        lock.release()
+
+
+def train(cfg: config.Config, args, notes: list[str]) -> int:
+    """Everything that writes to the run directory; the caller holds its lock."""
+    preempt.clear(cfg.run_dir())
+    preempt.install_handlers(cfg.run_dir())
     classes = prepare_data(cfg)
     choose_start(cfg, args.resume, args.allow_change, args.smoke)
     run_dir = start_run_dir(cfg)
@@ -145,8 +213,7 @@ def run(args) -> int:
               f"--resume auto (exit code {preempt.EXIT_CODE})", flush=True)
         return preempt.EXIT_CODE
     ev = result["eval"]
-    print(f"done in {wall:.0f} s: {result['steps']} steps, top-1 {ev['top1']:.2f}%, "
-          f"top-5 {ev['top5']:.2f}%", flush=True)
+    print(f"done in {wall:.0f} s: {result['steps']} steps, {eval_line(ev)}", flush=True)
     if not args.smoke:
         return 0
     from addertrain import smoke

@@ -2,14 +2,18 @@
 
 Ray creates the torch process group and exports RANK/LOCAL_RANK/WORLD_SIZE; each worker
 then builds its own DeepSpeed engine on that group (addertrain.worker). Without an address
-an embedded single-node cluster is started for the run and stopped after it.
+an embedded single-node cluster (launch/embedded_ray.py) is started for the run and stopped
+after it. A UserError in a worker ends the launch as it would in this process: one line,
+exit code 2.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
-import tempfile
+import sys
 from pathlib import Path
 
 from addertrain import preempt
@@ -46,13 +50,15 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
                         "cluster first (ray start --head, or slurm/submit.sh) or fix the address") from None
 
 
-def _connect(address: str | None, cfg: Config) -> bool:
-    """Join ``address`` or start an embedded cluster; True when we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
+@contextlib.contextmanager
+def _cluster(address: str | None, cfg: Config):
+    """Join ``address``, or run on an embedded cluster for the duration."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # a caller's (tests)
+        yield
+        return
     if address:
+        import ray
+
         if address != "auto":
             _check_reachable(address)
         try:
@@ -62,13 +68,15 @@ def _connect(address: str | None, cfg: Config) -> bool:
                 f"cannot join the Ray cluster at {address}: {type(e).__name__}: {str(e).splitlines()[0]}. "
                 "Check the address, that the cluster is up, and that this client has the cluster's "
                 "auth token (RAY_AUTH_MODE=token with the token file, see the README)") from None
-        return False
+        yield
+        return
+    from addertrain.launch import embedded_ray
+
     d = cfg.distributed
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(d.workers * d.cpus_per_worker + 0.999)),
-             num_gpus=int(d.workers * d.gpus_per_worker + 0.999) or None,
-             include_dashboard=False, logging_level="WARNING", _temp_dir=temp)
-    return True
+    cpus = max(os.cpu_count() or 1, int(d.workers * d.cpus_per_worker + 0.999))
+    gpus = int(d.workers * d.gpus_per_worker + 0.999) or None
+    with embedded_ray.cluster(num_cpus=cpus, num_gpus=gpus, logging_level="WARNING"):
+        yield
 
 
 def _check_resources(cfg: Config) -> None:
@@ -86,21 +94,47 @@ def _check_resources(cfg: Config) -> None:
                 f"has {have.get(name, 0):g}; lower distributed.workers or the per-worker resources")
 
 
+class _HideUserErrors(logging.Filter):
+    """Ray Train logs each exception of the training function with its traceback while it
+    is being handled; a UserError is bad input, which the launcher reports as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not isinstance(sys.exc_info()[1], UserError)
+
+
 def _ray_worker(config: dict) -> None:
     from addertrain.worker import train_worker
 
+    for handler in logging.getLogger("ray.train").handlers:
+        handler.addFilter(_HideUserErrors())
     train_worker(config["cfg"])
 
 
-def run(cfg: Config, address: str | None) -> None:
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def _fit(trainer) -> None:
+    """``trainer.fit()``, with a worker's UserError raised here as it was raised there."""
+    from ray.train import WorkerGroupError
 
-    started = _connect(address, cfg)
-    # ray.init installs a fatal-signal handler for SIGTERM over ours, which checkpoints first.
-    preempt.install_handlers(cfg.run_dir())
     try:
+        trainer.fit()
+    except SystemExit:
+        # Ray Train answers Ctrl-C by aborting the run and exiting from fit(): report it as
+        # an interrupt, as in the local executor.
+        raise KeyboardInterrupt from None
+    except WorkerGroupError as e:
+        # The other ranks' errors follow from the first one (a collective that lost a peer).
+        bad = [err for _, err in sorted(e.worker_failures.items()) if isinstance(err, UserError)]
+        if bad:
+            raise UserError(str(bad[0])) from None
+        raise
+
+
+def run(cfg: Config, address: str | None) -> None:
+    with _cluster(address, cfg):  # first: the embedded cluster must set up before ray loads
+        from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        # ray.init installs a fatal-signal handler for SIGTERM over ours, which checkpoints first.
+        preempt.install_handlers(cfg.run_dir())
         _check_resources(cfg)
         d = cfg.distributed
         run_dir = Path(cfg.run_dir()).resolve()
@@ -119,9 +153,9 @@ def run(cfg: Config, address: str | None) -> None:
             run_config=RunConfig(
                 name=run_dir.name, storage_path=str(run_dir.parent),
                 failure_config=FailureConfig(max_failures=d.max_failures),
-                worker_runtime_env={"env_vars": worker_env_vars(cfg)}),
+                worker_runtime_env={"env_vars": worker_env_vars(cfg)},
+                # Ray Train's INFO lines (placement, each failure decision with the worker's
+                # traceback) are noise next to our progress; its warnings stay.
+                logging_config=LoggingConfig(log_level="WARNING")),
         )
-        trainer.fit()
-    finally:
-        if started:
-            ray.shutdown()
+        _fit(trainer)

@@ -68,11 +68,18 @@ def assert_same_weights(run_dir: Path, ref_dir: Path):
     assert not differ, f"weights differ from the uninterrupted run: {differ[:5]}"
 
 
+def evaluations(run_dir: Path) -> dict[int, tuple[float, float]]:
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: (r["top1"], r["loss"]) for r in records if r["kind"] == "eval"}
+
+
 def assert_same_run(run_dir: Path, ref_dir: Path):
-    """Final weights bitwise equal, and one logged loss per step, each equal to the reference's."""
+    """Final weights and BatchNorm statistics bitwise equal, and one logged loss per step and
+    every evaluation, each equal to the reference's."""
     assert_same_weights(run_dir, ref_dir)
     assert train_steps(run_dir) == list(range(1, 17))
     assert losses(run_dir) == losses(ref_dir)
+    assert evaluations(run_dir) == evaluations(ref_dir)
 
 
 def resumed_step(out: str) -> int:
@@ -296,6 +303,12 @@ def test_ray_restarts_a_killed_worker_from_the_checkpoint(runs, ray_reference):
     assert proc.returncode == 0, stdout[-3000:]
     assert "resumed from" in stdout
     assert_same_run(runs / "ray-killed", ray_reference)
+
+
+def test_two_worker_run_reports_the_evaluation_of_the_model_it_saved(ray_reference):
+    from test_training import assert_reported_equals_export
+
+    assert_reported_equals_export(ray_reference)
 
 
 def test_resume_on_one_worker_from_a_two_worker_checkpoint(runs, ray_reference):

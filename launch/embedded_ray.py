@@ -1,0 +1,82 @@
+"""A private single-node Ray cluster for one run.
+
+- Loopback only: with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray takes 127.0.0.1 as the node
+  address, and its GCS, raylet, object manager and worker servers bind to it alone (otherwise
+  they listen on every interface).
+- Its own token: ``RAY_AUTH_MODE=token`` with a fresh random ``RAY_AUTH_TOKEN`` (the highest
+  precedence source), so ``~/.ray/auth_token`` is neither read nor written.
+- A private temp dir: Ray makes its temp dir world-writable, so it lies inside a mode-700
+  folder of ours, removed when the cluster stops.
+- Pinned: ``RAY_ADDRESS`` names this cluster in the driver and, through a worker setup hook,
+  in every Ray worker process (Ray Train's placement-group cleaner looks the cluster up
+  again and would otherwise die on finding another Ray instance on the host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def worker_setup() -> None:
+    """Runs in every Ray worker process of the cluster before its first task."""
+    import ray
+
+    # This worker's own cluster is the one any Ray lookup finds.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    # Ray Train's placement-group cleaner asks the state API, which needs the dashboard
+    # (not part of ray[train]), every second whether the controller lives, and warns each
+    # time it cannot; ray.shutdown removes the placement groups of this cluster anyway.
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """Set environment variables (inherited by the processes Ray starts), restore on exit."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def cluster(num_cpus: int, num_gpus: int | None, **init_kwargs):
+    """Start the cluster, yield its GCS address, stop it and remove its files."""
+    private = Path(tempfile.mkdtemp(prefix="ray-"))  # mode 700
+    try:
+        with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+                      RAY_AUTH_TOKEN=secrets.token_hex(32)):
+            import ray
+
+            # "local": a new cluster even if RAY_ADDRESS names another one
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                     include_dashboard=False, _temp_dir=str(private / "r"),
+                     runtime_env={"worker_process_setup_hook": f"{__name__}.worker_setup"},
+                     **init_kwargs)
+            try:
+                address = ray.get_runtime_context().gcs_address
+                if not address.startswith(LOOPBACK + ":"):
+                    # Ray was imported before the switch above was set: refuse to serve on
+                    # every interface rather than carry on.
+                    raise RuntimeError(f"the embedded Ray cluster came up on {address}, not "
+                                       f"{LOOPBACK}; import ray only after embedded_ray.cluster")
+                with _environ(RAY_ADDRESS=address):
+                    yield address
+            finally:
+                ray.shutdown()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
