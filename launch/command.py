@@ -121,11 +121,14 @@ def choose_start(cfg: config.Config, spec: str, allow: list[str], smoke: bool) -
         shutil.rmtree(checkpoint.checkpoints_dir(run_dir), ignore_errors=True)
         return
     path = checkpoint.resolve(spec, run_dir)
+    if path is None and spec == "auto" and cfg.checkpoint.resume:
+        # the recipe names where a fresh run starts: checked as `--resume PATH` would be
+        path = checkpoint.resolve(cfg.checkpoint.resume, run_dir)
+    cfg.checkpoint.resume = None
     if path is None:
         return
-    meta = checkpoint.read_meta(path)
+    meta = checkpoint.verify(path)
     checkpoint.check_compatible(meta, path, cfg.to_dict(), cfg.distributed.workers, allow)
-    checkpoint.verify_tensors(path, meta)
     cfg.checkpoint.resume = str(path)
     print(f"resuming from {path} (step {meta['step']})", flush=True)
 

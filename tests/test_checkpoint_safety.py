@@ -87,9 +87,10 @@ def launch_args(tmp_path):
 
 # -- launch: the recipe key and an unlisted file ------------------------------------------------
 
-def test_recipe_resume_key_is_verified_by_the_worker(copy, payload, tmp_path):
+def test_recipe_resume_key_is_verified(copy, payload, tmp_path):
     # a checkpoint whose listed model file is a crafted pickle with the recorded size, named by the
-    # recipe key: `--resume auto` and no checkpoint of the run's own leave it to the worker
+    # recipe key: with `--resume auto` and no checkpoint of the run's own, launch checks it as it
+    # checks `--resume PATH` (and the worker checks it again before DeepSpeed loads it)
     craft(copy / MODEL, payload)
     list_sizes(copy)
     out = cli("launch", *launch_args(tmp_path), f"checkpoint.resume={copy}")
@@ -221,7 +222,7 @@ def test_retention_keeps_the_newest_and_the_best(tmp_path):
 
 
 def test_recipe_resume_key_under_ray_runs_no_code(copy, payload, tmp_path):
-    # the worker is another process here, started by Ray: it verifies what it loads
+    # launch checks the recipe key as it checks --resume PATH, and the Ray worker again
     craft(copy / MODEL, payload)
     list_sizes(copy)
     out = cli("launch", *launch_args(tmp_path), "distributed.executor=ray",
