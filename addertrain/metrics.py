@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,18 +20,61 @@ def eval_line(result: dict) -> str:
     return f"top-1 {result['top1']:.2f}%  top-5 {top5}  loss {result['loss']:.4f}"
 
 
-class MetricsLog:
-    """Appends one JSON object per line to ``run_dir/metrics.jsonl`` (rank 0 only)."""
+def scalars(values: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a (nested) record as flat ``a/b`` names."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out
 
-    def __init__(self, run_dir: Path, enabled: bool):
+
+class MetricsLog:
+    """Appends one JSON object per line to ``run_dir/metrics.jsonl`` and, with
+    ``tensorboard``, the same numbers to TensorBoard event files in ``run_dir/tensorboard``
+    (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
+        self.tensorboard = enabled and tensorboard
+        self._writer = None
+        self._purge_step = None
 
     def write(self, kind: str, **values) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"kind": kind, "time": time.time(), **values}) + "\n")
+        if self.tensorboard:
+            writer = self._tensorboard()
+            for name, value in scalars({k: v for k, v in values.items() if k != "step"}).items():
+                writer.add_scalar(f"{kind}/{name}", value, values["step"])
+
+    def _tensorboard(self):
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            # after a resume, TensorBoard drops what the interrupted run logged past the
+            # checkpoint, as forget_after() does for the JSON lines
+            self._writer = SummaryWriter(str(self.path.parent / "tensorboard"),
+                                         purge_step=self._purge_step)
+        return self._writer
+
+    def forget_after(self, step: int) -> None:
+        """Drop what an interrupted run logged past ``step``: those steps run again."""
+        kept = [r for r in self.read() if r["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        self._purge_step = step + 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def read(self) -> list[dict]:
         if not self.path.exists():

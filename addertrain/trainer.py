@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import random
 import resource
 from pathlib import Path
@@ -19,8 +16,8 @@ from addertrain.alr import AdderSGD, param_groups
 from addertrain.checkpoint import Checkpointer, RNGState
 from addertrain.config import Config
 from addertrain.data import build_loader
-from addertrain.metrics import MetricsLog, Progress, eval_line, plot
 from addertrain.errors import UserError
+from addertrain.metrics import MetricsLog, Progress, eval_line, plot
 from addertrain.models import create_model
 from addertrain.nn import average_running_stats
 from addertrain.schedule import build_schedule
@@ -74,17 +71,18 @@ class Trainer:
         self.engine = ds_engine.initialize(cfg, model, self.optimizer, world.world_size)
         self.step = 0
         self.images_seen = 0
+        self._first_bad = torch.zeros((), dtype=torch.long, device=world.device)
         self.last_eval: dict = {}
-        self.log = MetricsLog(self.run_dir, world.is_main)
+        self.log = MetricsLog(self.run_dir, world.is_main, cfg.logging.tensorboard)
         self.progress = Progress(self.total_steps, world.is_main and cfg.logging.progress)
         # Everything a continuation needs besides the engine (model, optimizer, schedule).
         self.checkpointer = Checkpointer(cfg, world, self.engine, {
             "progress": self, "rng": RNGState(), "train_data": self.train_data})
 
     # -- the step -------------------------------------------------------------
-    def train_step(self, micro_batches) -> tuple[float, float]:
-        """One optimizer step over ``accum`` micro-batches; returns (the global mean loss,
-        the learning rate the step used)."""
+    def train_step(self, micro_batches) -> tuple[torch.Tensor, float]:
+        """One optimizer step over ``accum`` micro-batches; returns (the global mean loss, on
+        the device, and the learning rate the step used)."""
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -102,7 +100,7 @@ class Trainer:
             # Every rank holds the same model after every step, BatchNorm statistics included:
             # what is evaluated, checkpointed, exported and resumed is one model.
             average_running_stats(self.engine.module)
-        return total.item(), lr
+        return total, lr
 
     # -- evaluation -----------------------------------------------------------
     def evaluate(self) -> dict:
@@ -130,16 +128,9 @@ class Trainer:
         if into == 0:  # the checkpoint ended an epoch (the loader may hold a ragged tail of it)
             self.train_data.set_epoch(epoch)
         if self.world.is_main:
-            self._forget_metrics_after(self.step)
+            self.log.forget_after(self.step)
             print(f"resumed from {path} at step {self.step}/{self.total_steps}", flush=True)
         self.progress.mark(self.step, self.images_seen)
-
-    def _forget_metrics_after(self, step: int) -> None:
-        """Drop what the interrupted run logged past the checkpoint: those steps run again."""
-        kept = [r for r in self.log.read() if r["step"] <= step]
-        tmp = self.log.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.log.path)
 
     # -- the loop -------------------------------------------------------------
     def _batches(self):
@@ -157,20 +148,30 @@ class Trainer:
             loss, lr = self.train_step(next(batches))
             self.step += 1
             self.images_seen += self.cfg.train.global_batch
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {self.step}")
+            # The first step with a non-finite loss, noted on the device: reading the loss
+            # every step would make the host wait for the GPU at every step.
+            self._first_bad.copy_(torch.where((self._first_bad == 0) & ~loss.isfinite(),
+                                              self.step, self._first_bad))
             final = self.step == self.total_steps
             if self.step % self.cfg.logging.interval_steps == 0 or final:
-                self._log_train(loss, lr)
+                self._check_finite()
+                self._log_train(loss.item(), lr)
             evaluated = final or bool(self.eval_every and self.step % self.eval_every == 0)
             if evaluated:
                 self._evaluate_and_log()
             due, stop = self.checkpointer.poll(self.step)
             if due or final or (evaluated and self.cfg.checkpoint.keep_best):
+                self._check_finite()  # never checkpoint a diverged model
                 self.checkpointer.save(self.step, self.last_eval["top1"] if evaluated else None)
             if stop and not final:
                 return self._summary("preempted")
         return self._summary("completed")
+
+    def _check_finite(self) -> None:
+        bad = int(self._first_bad)
+        if bad:
+            raise FloatingPointError(f"the training loss became non-finite at step {bad}; the last "
+                                     "checkpoint is before it: lower optim.lr or set optim.grad_clip")
 
     def _log_train(self, loss: float, lr: float) -> None:
         rate = self.progress.update(self.step, self.images_seen, loss=loss, lr=lr)
@@ -178,7 +179,16 @@ class Trainer:
         # data was consumed and the schedule moved on) but changed no weight
         self.log.write("train", step=self.step, epoch=self.step / self.steps_per_epoch,
                        loss=loss, lr=lr, img_per_s=rate, images_seen=self.images_seen,
-                       skipped_steps=self.engine.skipped_steps, alr=self.optimizer.summary())
+                       skipped_steps=self.engine.skipped_steps, alr=self.optimizer.summary(),
+                       alr_layers=self._layer_stats())
+
+    def _layer_stats(self) -> dict:
+        """Per adder layer: its latest ALR scale and the gradient norm that scale implies
+        (``eta * sqrt(k) / scale``; 0 for a zero gradient, whose scale is 1)."""
+        numel = {g["name"]: g["alr_numel"] for g in self.optimizer.param_groups if g["alr_numel"]}
+        eta = self.cfg.adder.eta
+        return {name: {"scale": a, "grad_norm": eta * numel[name] ** 0.5 / a if a != 1.0 else 0.0}
+                for name, a in self.optimizer.last_scales.items()}
 
     def _evaluate_and_log(self) -> None:
         self.last_eval = result = self.evaluate()
@@ -188,6 +198,7 @@ class Trainer:
         self.progress.mark(self.step, self.images_seen)
 
     def _summary(self, status: str) -> dict:
+        self.log.close()
         return {"status": status, "steps": self.step, "images_seen": self.images_seen,
                 "skipped_steps": self.engine.skipped_steps, "eval": self.last_eval,
                 "checkpoint_seconds": round(self.checkpointer.seconds, 3),

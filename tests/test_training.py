@@ -127,3 +127,41 @@ def test_fp16_skipped_steps_keep_step_schedule_and_images_in_agreement(tmp_path)
     assert result["images_seen"] == 6 * 32 == train[-1]["images_seen"]
     assert [r["lr"] for r in train] == pytest.approx(
         [0.05 * (1 + math.cos(math.pi * s / 6)) for s in range(6)], rel=1e-9)
+
+
+def test_tensorboard_holds_the_logged_numbers(tiny_run):
+    from tensorboardX.proto import event_pb2
+
+    run_dir, _ = tiny_run
+    values = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):  # TFRecord: length, its CRC, the event, its CRC
+            length = int.from_bytes(data[pos:pos + 8], "little")
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 16 + length
+            for v in event.summary.value:
+                values.setdefault(v.tag, {})[event.step] = v.simple_value
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in records if r["kind"] == "train"}
+    assert sorted(values["train/loss"]) == sorted(train)
+    for step, r in train.items():
+        assert values["train/loss"][step] == pytest.approx(r["loss"], rel=1e-6)
+        assert values["train/lr"][step] == pytest.approx(r["lr"], rel=1e-6)
+    layer = next(iter(train[16]["alr_layers"]))
+    assert values[f"train/alr_layers/{layer}/scale"][16] == pytest.approx(
+        train[16]["alr_layers"][layer]["scale"], rel=1e-6)
+    assert values["eval/top1"][16] == pytest.approx(records[-1]["top1"], rel=1e-6)
+
+
+def test_a_diverging_run_stops_before_checkpointing_it(tmp_path):
+    out = launch("recipes/synthetic_tiny.yaml", f"run.dir={tmp_path}", "optim.lr=1e30",
+                 "train.max_steps=6", "logging.interval_steps=5", "train.eval_interval=0",
+                 "checkpoint.interval_steps=3")
+    assert out.returncode != 0
+    assert "the training loss became non-finite at step" in out.stderr
+    bad = int(out.stderr.split("non-finite at step ")[1].split(";")[0])
+    saved = [int(p.name.removeprefix("step")) for p in
+             (tmp_path / "synthetic-tiny" / "checkpoints").glob("step*")]
+    assert all(step < bad for step in saved)
