@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -18,14 +19,22 @@ from addertrain.errors import UserError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `true` is not 1 and 2.0 is not 2 (an int still fills a float key); the tuple keys
+    # relax it, since YAML gives them as lists. No key has a use for inf or nan.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class RunConfig(Section):
     name: str = "run"
     dir: str = "runs"
-    seed: int = 0
+    # what numpy's and torch's generators accept
+    seed: int = Field(0, ge=0, lt=2**32)
     deterministic: bool = False
+    # which dataset files launch opens before the workers start, to find empty, missing and
+    # non-image files: "full" all, "sample" an even 10,000, for file systems where opening a
+    # million files is slow (docs/data.md). Here, not under data: a resume may change it.
+    data_check: Literal["full", "sample"] = "full"
 
 
 class ModelConfig(Section):
@@ -55,12 +64,12 @@ class DataConfig(Section):
     # evaluation: resize the shorter side to this, then center-crop image_size
     eval_resize: Optional[int] = None
     channels: int = Field(3, ge=1)
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), strict=False)
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), strict=False)
     random_resized_crop: bool = True
     flip: bool = True
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), strict=False)
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), strict=False)
     threads: int = Field(2, ge=1)
     synthetic: SyntheticConfig = SyntheticConfig()
 
@@ -142,6 +151,8 @@ class LoggingConfig(Section):
     interval_steps: int = Field(10, ge=1)
     progress: bool = True
     plots: bool = True
+    # TensorBoard event files in the run directory (rank 0), beside metrics.jsonl
+    tensorboard: bool = True
 
 
 class Config(Section):
@@ -211,9 +222,31 @@ def _describe(err: dict) -> str:
     return f"{path or 'recipe'}: {err['msg']} (got {got!r})"
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` keys may be overridden in the mapping that merges them
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base class refuses it
+            if key in seen:
+                raise DuplicateKeyError(f"key {key!r} appears twice in one section (line "
+                                        f"{key_node.start_mark.line + 1}); keep one of them")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return text
 
@@ -244,12 +277,27 @@ def from_dict(tree: dict, source: str = "recipe") -> Config:
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))
+        raise UserError(f"recipe {path} is a directory; pass a YAML file"
+                        + (f" from it ({', '.join(inside[:5])})" if inside else
+                           " such as recipes/digits.yaml"))
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist; pass a YAML file such as recipes/digits.yaml")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except UnicodeDecodeError as e:
+        raise UserError(f"recipe {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                        f"offset {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read recipe {path}: {e.strerror}") from None
+    except DuplicateKeyError as e:
+        raise UserError(f"recipe {path}: {e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML: {e}") from None
+    if tree is None:
+        raise UserError(f"recipe {path} is empty (nothing but comments or null); a recipe names "
+                        "its sections (run, model, data, ...), see recipes/synthetic_tiny.yaml")
     if not isinstance(tree, dict):
         raise UserError(f"recipe {path} must be a mapping of sections (run, model, data, ...)")
     return from_dict(apply_overrides(tree, list(overrides)), source=str(path))

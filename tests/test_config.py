@@ -1,5 +1,6 @@
 """Recipes load into the typed tree; every bad value is one clear message and exit code 2."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,63 @@ def test_missing_and_malformed_recipe_files(tmp_path):
         config.load(bad)
 
 
+@pytest.mark.parametrize("tree, expected", [
+    ({"optim": {"lr": float("inf")}}, "optim.lr: Input should be a finite number"),
+    ({"schedule": {"epochs": float("nan")}}, "schedule.epochs: Input should be a finite number"),
+    ({"data": {"crop_scale": [float("nan"), 1.0]}}, "data.crop_scale: Input should be a finite number"),
+    ({"run": {"seed": -1}}, "run.seed: Input should be greater than or equal to 0"),
+    ({"run": {"seed": 2**32}}, "run.seed: Input should be less than 4294967296"),
+    ({"run": {"seed": True}}, "run.seed: Input should be a valid integer (got True)"),
+    ({"train": {"global_batch": 32.0}}, "train.global_batch: Input should be a valid integer"),
+    ({"run": {"deterministic": 1}}, "run.deterministic: Input should be a valid boolean"),
+    ({"optim": {"lr": True}}, "optim.lr: Input should be a valid number"),
+])
+def test_non_finite_out_of_range_and_mistyped_values(tree, expected):
+    with pytest.raises(UserError) as err:
+        config.from_dict(tree)
+    assert expected in str(err.value)
+
+
+def test_ints_fill_float_keys_and_lists_fill_pairs():
+    cfg = config.from_dict(config.apply_overrides({}, ["optim.lr=1", "run.seed=4294967295",
+                                                       "data.crop_scale=[1, 1]"]))
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.run.seed == 2**32 - 1 and cfg.data.crop_scale == (1.0, 1.0)
+    assert config.Config.model_validate(cfg.to_dict()) == cfg  # what the workers receive
+
+
+BAD_RECIPES = {
+    "empty": (b"", "is empty"),
+    "comments": (b"# only a comment\n", "is empty"),
+    "null": (b"null\n", "is empty"),
+    "duplicate": (b"optim:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' appears twice in one section (line 3)"),
+    "duplicate-section": (b"run: {seed: 1}\nrun: {seed: 2}\n", "key 'run' appears twice"),
+    "latin-1": ("run: {name: caf\u00e9}\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_RECIPES)
+def test_bad_recipe_files(tmp_path, name):
+    content, expected = BAD_RECIPES[name]
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(expected)):
+        config.load(path)
+
+
+def test_a_directory_is_not_a_recipe(tmp_path):
+    (tmp_path / "a.yaml").write_text("run: {}\n")
+    with pytest.raises(UserError, match=r"is a directory; pass a YAML file from it \(a.yaml\)"):
+        config.load(tmp_path)
+
+
+def test_merge_keys_may_be_overridden(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("base: &b {lr: 0.3, momentum: 0.5}\noptim:\n  <<: *b\n  lr: 0.2\n")
+    tree = yaml.load(path.read_text(), Loader=config._Loader)
+    assert tree["optim"] == {"lr": 0.2, "momentum": 0.5}
+
+
 def test_resolved_config_round_trips():
     cfg = config.load(ROOT / "recipes" / "digits.yaml", ["optim.lr=0.2"])
     again = config.from_dict(yaml.safe_load(cfg.to_yaml()))
@@ -106,6 +164,30 @@ def test_cli_errors_exit_2_without_traceback(args, expected, tmp_path):
     assert expected in out.stderr
     assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", [*BAD_RECIPES, "directory", "inf", "nan", "seed-negative",
+                                  "seed-huge", "seed-bool"])
+def test_bad_recipes_exit_2_through_the_cli(case, tmp_path):
+    overrides = {"inf": ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
+                 "nan": ("schedule.epochs=.nan", "schedule.epochs: Input should be a finite number"),
+                 "seed-negative": ("run.seed=-1", "run.seed: Input should be greater than or equal to 0"),
+                 "seed-huge": ("run.seed=1099511627776", "run.seed: Input should be less than 4294967296"),
+                 "seed-bool": ("run.seed=true", "run.seed: Input should be a valid integer")}
+    if case in overrides:
+        override, expected = overrides[case]
+        args = ["recipes/synthetic_tiny.yaml", override]
+    elif case == "directory":
+        args, expected = ["recipes"], "recipe recipes is a directory"
+    else:
+        content, expected = BAD_RECIPES[case]
+        (tmp_path / "r.yaml").write_bytes(content)
+        args = [str(tmp_path / "r.yaml")]
+    out = _cli("launch", *args, f"run.dir={tmp_path}")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("addertrain: error: ") and expected in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "synthetic-tiny").exists()  # stopped before anything was written
 
 
 def test_help_for_every_command():

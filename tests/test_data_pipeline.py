@@ -1,6 +1,7 @@
 """The DALI folder pipelines on CPU (device_id=None): batches, labels, sharding, order, resume."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -197,3 +198,15 @@ def test_missing_or_empty_datasets_are_user_errors(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a" / "x.JPEG")
     with pytest.raises(UserError, match="no split 'val'"):
         build_folder_loader(cfg(tmp_path), "val", 4, 0, 1, CPU, 0, False)
+
+
+def test_an_image_the_decoder_fails_on_is_named(tmp_path):
+    root = write_fake(tmp_path, classes=2, per_class=4, val_per_class=1, sizes=(24, 24))
+    victim = sorted((root / "train" / "c001").iterdir())[2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:len(data) // 2])  # the first bytes still say JPEG
+    loader = build_folder_loader(cfg(root), "train", 2, 0, 1, CPU, seed=0, training=True)
+    with pytest.raises(UserError, match=rf"the image decoder failed on {re.escape(str(victim))} "
+                                        rf"\(.*\); replace it .*addertrain data check {root}"):
+        for _ in loader:
+            pass

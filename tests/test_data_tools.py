@@ -118,7 +118,7 @@ def test_check_passes_a_clean_dataset(tmp_path):
     report = scan(root, workers=1)
     assert report["errors"] == 0
     assert report["splits"] == {"train": {"classes": 2, "images": 6}, "val": {"classes": 2, "images": 2}}
-    assert quick_check(root) == {"classes": 2, "images": {"train": 6, "val": 2},
+    assert quick_check(root) == {"classes": 2, "images": {"train": 6, "val": 2}, "checked": 8,
                                  "warnings": {}}
 
 
@@ -143,6 +143,102 @@ def test_check_cli_exit_codes_and_json(tmp_path, defective):
     missing = cli("data", "check", tmp_path / "nope", "--json", tmp_path / "n.json")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_check_cli_lists_every_file_up_to_a_limit_and_writes_json_only_when_asked(tmp_path):
+    root = write_fake(tmp_path / "ds", classes=2, per_class=2, val_per_class=1, sizes=(16, 16))
+    for i in range(25):
+        (root / "train" / "c000" / f"empty{i:02d}.JPEG").write_bytes(b"")
+    (root / "train" / "c001" / "text.jpg").write_text("hello")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = cli("data", "check", root, "--workers", "1", cwd=cwd)
+    assert out.returncode == 2, out.stderr
+    lines = out.stdout.splitlines()
+    assert "unreadable (error, 26): missing, empty, truncated or not an image" in out.stdout
+    listed = [line.strip() for line in lines if line.endswith("(empty file)")]
+    assert listed == [f"train/c000/empty{i:02d}.JPEG (empty file)" for i in range(20)]
+    assert "  ... and 6 more (--show 0 or --json lists all)" in lines
+    assert not list(cwd.iterdir())  # no report written unasked
+    everything = cli("data", "check", root, "--workers", "1", "--show", "0")
+    assert "train/c000/empty24.JPEG (empty file)" in everything.stdout
+    assert "train/c001/text.jpg (not an image: starts with 68 65 6c 6c 6f)" in everything.stdout
+    assert "more (--show 0" not in everything.stdout
+
+
+# -- what the loader refuses, the checker reports -----------------------------------------
+
+@pytest.fixture
+def odd_entries(tmp_path):
+    """A clean dataset plus, in train/c000, a folder named like an image, a broken symlink
+    and a symlink loop."""
+    root = write_fake(tmp_path / "ds", classes=2, per_class=2, val_per_class=1, sizes=(16, 16))
+    c000 = root / "train" / "c000"
+    (c000 / "x.JPEG").mkdir()
+    (c000 / "gone.JPEG").symlink_to(c000 / "nowhere.JPEG")
+    (c000 / "loop.JPEG").symlink_to(c000 / "loop.JPEG")
+    return root
+
+
+def test_checker_and_loader_agree_on_odd_entries(odd_entries):
+    expected = ["train/c000/gone.JPEG (missing or a broken symlink)",
+                "train/c000/loop.JPEG (symlink loop)",
+                "train/c000/x.JPEG (a folder named like an image)"]
+    report = scan(odd_entries)
+    found = {p["kind"]: p["files"] for p in report["problems"]}
+    assert found["bad_entry"] == expected and report["errors"] == 3
+    with pytest.raises(UserError, match=r"c000 holds entries the loader cannot read: gone.JPEG "
+                                        r"\(missing or a broken symlink\), loop.JPEG \(symlink loop\), "
+                                        r"x.JPEG \(a folder named like an image\)"):
+        index_split(odd_entries, "train", class_names(odd_entries, "train"))
+    with pytest.raises(UserError, match="train/c000/gone.JPEG.*addertrain data check"):
+        quick_check(odd_entries)
+
+
+def test_a_class_folder_that_is_a_symlink_loop_is_refused(tmp_path):
+    root = write_fake(tmp_path / "ds", classes=2, per_class=2, val_per_class=1, sizes=(16, 16))
+    (root / "train" / "c002").symlink_to(root / "train" / "c002")
+    report = scan(root)
+    assert {p["kind"]: p["files"] for p in report["problems"]}["bad_entry"] == [
+        "train/c002 (symlink loop)"]
+    assert report["errors"] == 1
+    with pytest.raises(UserError, match=r"entries the loader cannot read: c002 \(symlink loop\)"):
+        class_names(root, "train")
+
+
+def test_checker_and_loader_agree_on_file_list_lines(tmp_path):
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / f"{i}.jpg")
+    (tmp_path / "train.txt").write_text("img/0.jpg 0\nimg/1.jpg\t1\nimg/2.jpg one\nimg/2.jpg \u00b2\n")
+    (tmp_path / "val.txt").write_text("img/0.jpg 0\n")
+    found = {p["kind"]: p["files"] for p in scan(tmp_path, "train.txt", "val.txt")["problems"]}
+    assert found["bad_list_line"] == ["train.txt:3: 'img/2.jpg one'", "train.txt:4: 'img/2.jpg \u00b2'"]
+    with pytest.raises(UserError, match=r"train.txt:3: 'img/2.jpg one', .*train.txt:4: "):
+        class_names(tmp_path, "train.txt")
+    (tmp_path / "train.txt").write_text("img/0.jpg 0\nimg/1.jpg\t1\n")  # a tab separates too
+    assert index_split(tmp_path, "train.txt", ["0", "1"]).labels == [0, 1]
+    assert scan(tmp_path, "train.txt", "val.txt")["errors"] == 0
+
+
+def test_quick_check_opens_every_file_it_will_read(tmp_path):
+    root = write_fake(tmp_path / "ds", classes=2, per_class=3, val_per_class=1, sizes=(16, 16))
+    good = sorted((root / "train" / "c001").iterdir())[0].read_bytes()
+    (root / "train" / "c000" / "empty.JPEG").write_bytes(b"")
+    (root / "val" / "c001" / "page.png").write_text("<html>")
+    (root / "train" / "c001" / "cut.JPEG").write_bytes(good[:40])  # passes: truncation needs a decode
+    with pytest.raises(UserError) as err:
+        quick_check(root)
+    message = str(err.value)
+    assert "train/c000/empty.JPEG (empty file)" in message
+    assert "val/c001/page.png (not an image: starts with 3c 68 74 6d 6c 3e)" in message
+    assert "cut.JPEG" not in message and f"Run `addertrain data check {root}`" in message
+    with pytest.raises(UserError) as err:
+        quick_check(root, read=("val",))  # what `addertrain eval` reads
+    assert "page.png" in str(err.value) and "empty.JPEG" not in str(err.value)
+    with pytest.raises(UserError) as err:
+        quick_check(root, sample=2)  # an even sample: files 0 (empty.JPEG) and 5 of 11
+    assert "empty.JPEG" in str(err.value) and "page.png" not in str(err.value)
 
 
 def test_fake_cli(tmp_path):

@@ -1,20 +1,21 @@
 """``addertrain data check DIR``: find what would break or distort a multi-day run, before it starts.
 
 The full scan decodes every image (reduced-size JPEG decode, which still reads every byte)
-and hashes it; :func:`quick_check` only looks at the layout and counts, cheaply enough
-to run at every training start.
+and hashes it; :func:`quick_check` looks at the layout and the first bytes of each file,
+cheaply enough to run at every training start.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from addertrain.data.folder import class_folders, is_image
+from addertrain.data.folder import describe_oserror, first_few, list_folder, parse_file_list
 from addertrain.errors import UserError
 
-HELP = "scan a dataset for files and layouts that would break or distort training (table + JSON)"
+HELP = "scan a dataset for files and layouts that would break or distort training"
 
 # kind -> (severity, what it means for a run). Errors make the dataset untrainable (exit 2).
 KINDS = {
@@ -22,7 +23,9 @@ KINDS = {
     "no_images": ("error", "split holds no images"),
     "empty_class": ("error", "training class folder without images: that class cannot be learned"),
     "unknown_val_class": ("error", "validation class absent from training: its label does not exist"),
-    "unreadable": ("error", "unreadable or truncated image: the decoder stops the run"),
+    "bad_entry": ("error", "folder named like an image, broken symlink or symlink loop: the loader refuses it"),
+    "bad_list_line": ("error", "file list line that is not 'relative/path label': the loader refuses it"),
+    "unreadable": ("error", "missing, empty, truncated or not an image: the decoder stops the run"),
     "missing_from_val": ("warning", "training class without validation images"),
     "not_jpeg": ("warning", "JPEG name but other content (e.g. PNG): GPU pipelines decode it on the CPU"),
     "cmyk": ("warning", "CMYK JPEG: some decoders fail or distort colors"),
@@ -30,27 +33,37 @@ KINDS = {
     "duplicate": ("warning", "same content in train and val: validation accuracy is inflated"),
     "ignored": ("warning", "not an image file (by name): the loader skips it"),
 }
+# First bytes of the formats DALI's image decoders read. The loader takes *.jpeg, *.jpg and
+# *.png by name; what matters to the decoder is the content.
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
+              b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xffO\xffQ")
+HEAD = 16
+# Files that launch opens with run.data_check=sample, spread evenly over the dataset.
+SAMPLE = 10_000
+SHOWN = 20  # files listed per problem on the terminal by default
 
 
 def _split_members(root: Path, split: str, problems: dict) -> dict[str, list[str]] | None:
     """{class: [path relative to root]} of one split, or None when the split is missing."""
     path = root / split
     if path.is_file():
+        entries, bad = parse_file_list(path)
+        problems["bad_list_line"] += [f"{split}:{n}: {line!r}" for n, line in bad]
         members: dict[str, list[str]] = {}
-        for line in path.read_text().splitlines():
-            name, _, label = line.strip().rpartition(" ")
-            if name and label.isdigit():
-                members.setdefault(label, []).append(os.path.relpath(path.parent / name, root))
+        for name, label in entries:
+            members.setdefault(str(label), []).append(os.path.relpath(path.parent / name, root))
         return members
     if not path.is_dir():
         problems["missing_split"].append(split)
         return None
+    classes = list_folder(path, images=False)
+    problems["bad_entry"] += [f"{split}/{b}" for b in classes.broken]
     members = {}
-    for c in class_folders(path):
-        names = sorted(os.listdir(path / c))
-        members[c] = [f"{split}/{c}/{n}" for n in names if is_image(n)]
-        problems["ignored"] += [f"{split}/{c}/{n}" for n in names
-                                if not is_image(n) and (path / c / n).is_file()]
+    for c in classes.members:
+        listing = list_folder(path / c, images=True)
+        members[c] = [f"{split}/{c}/{n}" for n in listing.members]
+        problems["ignored"] += [f"{split}/{c}/{n}" for n in listing.ignored]
+        problems["bad_entry"] += [f"{split}/{c}/{b}" for b in listing.broken]
     return members
 
 
@@ -75,16 +88,63 @@ def layout(root: str | Path, train_split: str, val_split: str) -> tuple[dict, di
     return {train_split: train or {}, val_split: val or {}}, problems
 
 
-def quick_check(root: str | Path, train_split: str = "train", val_split: str = "val") -> dict:
-    """Layout and counts only; raises UserError when the dataset cannot be trained on."""
+def head_problem(head: bytes) -> str | None:
+    """Why a file starting with ``head`` cannot be an image the decoder reads; None if it may be."""
+    if not head:
+        return "empty file"
+    if not head.startswith(SIGNATURES):
+        return f"not an image: starts with {head[:8].hex(' ')}"
+    return None
+
+
+def sniff(path: str) -> str | None:
+    """Why ``path`` cannot be an image, from its first bytes: the cheap part of the full check
+    (an open and a read of 16 bytes; it does not find truncation)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        return describe_oserror(e)
+    try:
+        return head_problem(os.read(fd, HEAD))
+    except OSError as e:
+        return describe_oserror(e)
+    finally:
+        os.close(fd)
+
+
+def sniff_all(root: Path, files: list[str], threads: int = 8) -> list[str]:
+    """"file (why)" of every file (relative to ``root``) that fails :func:`sniff`. Threads
+    overlap the waits for a cold disk or a network file system (measured in docs/data.md)."""
+    def bad(chunk: list[str]) -> list[str]:
+        return [f"{f} ({why})" for f in chunk if (why := sniff(os.path.join(root, f)))]
+
+    chunks = [files[i:i + 2048] for i in range(0, len(files), 2048)]
+    with ThreadPoolExecutor(threads) as pool:
+        return [found for chunk in pool.map(bad, chunks) for found in chunk]
+
+
+def even_sample(files: list[str], n: int) -> list[str]:
+    return files if len(files) <= n else [files[i * len(files) // n] for i in range(n)]
+
+
+def quick_check(root: str | Path, train_split: str = "train", val_split: str = "val",
+                read: tuple[str, ...] | None = None, sample: int | None = None) -> dict:
+    """What launch runs before any worker starts: the layout, and the first bytes of every
+    file of the splits in ``read`` (default: both) or of an even ``sample`` of them. Raises
+    UserError naming the first problems when the dataset cannot be trained on."""
+    root = Path(root).expanduser()
     splits, problems = layout(root, train_split, val_split)
-    errors = [f"{KINDS[k][1]}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
-              for k, v in problems.items() if v and KINDS[k][0] == "error"]
+    files = [f for s in (read or splits) for group in splits[s].values() for f in group]
+    checked = even_sample(files, sample) if sample else files
+    problems["unreadable"] += sniff_all(root, checked)
+    errors = [f"{KINDS[k][1]}: {first_few(v, 3)}" for k, v in problems.items()
+              if v and KINDS[k][0] == "error"]
     if errors:
         raise UserError(f"dataset {root} cannot be trained on: " + "; ".join(errors)
                         + f". Run `addertrain data check {root}` for a full report.")
     return {"classes": len(splits[train_split]),
             "images": {s: sum(map(len, m.values())) for s, m in splits.items()},
+            "checked": len(checked),
             "warnings": {k: len(v) for k, v in problems.items() if v}}
 
 
@@ -93,18 +153,22 @@ def inspect_image(path: str) -> tuple[str, str | None, str | None, str | None]:
     import hashlib
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        return "", None, None, str(e)
+        return "", None, None, describe_oserror(e)
     digest = hashlib.sha1(data).hexdigest()
+    if why := head_problem(data[:HEAD]):  # Pillow reads formats (GIF, ...) that DALI does not
+        return digest, None, None, why
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt, mode = img.format, img.mode
             img.draft(mode, (1, 1))  # JPEG: decode at 1/8 scale; truncation is still detected
             img.load()
+    except UnidentifiedImageError:  # its message shows the BytesIO, not the file
+        return digest, None, None, "Pillow cannot identify it as an image"
     except Exception as e:  # noqa: BLE001 - any decoder failure is the finding itself
         return digest, None, None, f"{type(e).__name__}: {e}"
     return digest, fmt, mode, None
@@ -151,17 +215,19 @@ def scan(root: str | Path, train_split: str = "train", val_split: str = "val",
     }
 
 
-def format_table(report: dict) -> str:
+def format_table(report: dict, shown: int = SHOWN) -> str:
+    """The split sizes, then each problem with its files (the first ``shown``; 0: all)."""
     lines = [f"dataset {report['root']}"]
     for s, v in report["splits"].items():
         lines.append(f"  {s:<10} {v['classes']:>6} classes {v['images']:>9} images")
-    rows = [("problem", "severity", "count", "example")]
-    rows += [(p["kind"], p["severity"], str(p["count"]), p["files"][0]) for p in report["problems"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+    for p in report["problems"]:
+        lines.append(f"{p['kind']} ({p['severity']}, {p['count']}): {p['meaning']}")
+        listed = p["files"][:shown] if shown else p["files"]
+        lines += [f"  {f}" for f in listed]
+        if len(listed) < p["count"]:
+            lines.append(f"  ... and {p['count'] - len(listed)} more (--show 0 or --json lists all)")
     if not report["problems"]:
-        lines.append("  no problems found")
+        lines.append("no problems found")
     verdict = "cannot be trained on" if report["errors"] else "can be trained on"
     lines.append(f"{report['errors']} errors, {report['warnings']} warnings: the dataset {verdict}")
     return "\n".join(lines)
@@ -171,7 +237,9 @@ def add_arguments(p) -> None:
     p.add_argument("dir", help="dataset folder holding the splits (train/<class>/*.JPEG, ...)")
     p.add_argument("--train-split", default="train", help="training split folder or file list")
     p.add_argument("--val-split", default="val", help="validation split folder or file list")
-    p.add_argument("--json", default="data_check.json", help="where to write the JSON report")
+    p.add_argument("--json", metavar="PATH", help="also write the full report as JSON to PATH")
+    p.add_argument("--show", type=int, default=SHOWN, metavar="N",
+                   help=f"files listed per problem (default {SHOWN}; 0: all)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes decoding images (default: all cores)")
 
@@ -179,8 +247,14 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
+    if args.show < 0:
+        raise UserError("--show must be 0 (all) or a positive number of files")
     report = scan(args.dir, args.train_split, args.val_split, args.workers)
-    print(format_table(report))
-    Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"report written to {args.json}")
+    print(format_table(report, args.show))
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write the report to {args.json}: {e.strerror}") from None
+        print(f"report written to {args.json}")
     return 2 if report["errors"] else 0

@@ -21,6 +21,11 @@ from addertrain.data.folder import SplitIndex, class_names, index_split
 from addertrain.errors import UserError
 
 
+# Batches from the current one on that may be decoded when DALI reports an error: the
+# pipeline runs ahead by its prefetch queue (2 by default) and the iterator by one more.
+READ_AHEAD = 4
+
+
 def default_eval_resize(image_size: int) -> int:
     # ImageNet practice (resize 256, crop 224); small images are evaluated whole.
     return image_size if image_size <= 64 else round(image_size * 256 / 224)
@@ -81,6 +86,7 @@ class FolderLoader:
         self.epoch, self.step = 0, 0
         self._restored: bytes | None = None  # checkpoint to resume the current epoch from
         self._iterator = None                # DALI iterator over the current epoch
+        self._files: list[str] = []          # what it reads, in order
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -98,22 +104,47 @@ class FolderLoader:
 
         order = sharding.epoch_order(len(self.index.files), self.seed, self.epoch, self.training)
         indices, self._valid = sharding.shard_layout(order, self.num_shards, self.batch, self.shard_id)
-        files = [self.index.files[i] for i in indices]
+        self._files = [self.index.files[i] for i in indices]
         labels = [self.index.labels[i] for i in indices]
         seed = int(np.random.SeedSequence([self.seed, self.epoch, self.shard_id]).generate_state(1)[0] >> 1)
         checkpoint = self._restored if self.step else None
-        pipe = build_pipeline(files, labels, self.cfg, self.training, self.batch, self.device,
+        pipe = build_pipeline(self._files, labels, self.cfg, self.training, self.batch, self.device,
                               seed, checkpoint)
         # The file list is a whole number of batches, so no last-batch policy ever applies.
         return DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
                                    last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
 
+    def _next_batch(self) -> dict:
+        try:
+            if self._iterator is None:
+                self._iterator = self._open()
+            return next(self._iterator)[0]
+        except RuntimeError as e:
+            # DALI's decode errors do not say which file failed ("nvImageCodec failure '#3'").
+            broken = self._broken_file()
+            if broken is None:
+                e.add_note(f"If an image is broken, `addertrain data check {self.cfg.root}` finds it.")
+                raise
+            raise UserError(f"the image decoder failed on {broken}; replace it with a readable "
+                            "image and resume with --resume auto (`addertrain data check "
+                            f"{self.cfg.root}` finds any others)") from None
+
+    def _broken_file(self) -> str | None:
+        """"path (why)" of the first file from the current batch on (as far as DALI reads
+        ahead) that Pillow cannot decode either, or None."""
+        from addertrain.data.check import inspect_image
+
+        start = self.step * self.batch
+        for path in self._files[start:start + READ_AHEAD * self.batch]:
+            error = inspect_image(path)[3]
+            if error:
+                return f"{path} ({error})"
+        return None
+
     def __iter__(self):
         """The remaining steps of the current epoch; afterwards the loader is at the next epoch."""
-        if self._iterator is None and self.step < self.steps_per_epoch:
-            self._iterator = self._open()
         while self.step < self.steps_per_epoch:
-            out = next(self._iterator)[0]
+            out = self._next_batch()
             valid = self._valid[self.step]
             self.step += 1
             labels = out["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)

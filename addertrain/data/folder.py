@@ -7,6 +7,7 @@ the training split, so every split, worker and restart agrees on them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -38,14 +39,76 @@ def is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
+def first_few(items: list[str], n: int = 5) -> str:
+    """The first ``n`` items and how many more, for one-line messages."""
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def describe_oserror(e: OSError) -> str:
+    """Why a dataset entry cannot be read, in words."""
+    return {errno.ELOOP: "symlink loop", errno.ENOENT: "missing or a broken symlink",
+            errno.EISDIR: "a folder"}.get(e.errno, e.strerror or str(e))
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A folder's entries as the loader reads them; hidden entries are skipped."""
+    members: list[str]  # the class folders of a split folder, or the images of a class folder
+    ignored: list[str]  # anything else that the loader skips
+    broken: list[str]   # "name (why)" of entries the loader refuses, e.g. a symlink loop
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """"dir", "file", or why the entry is neither."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+        os.stat(entry.path)
+        return "neither a file nor a folder"
+    except OSError as e:
+        return describe_oserror(e)
+
+
+def list_folder(path: Path, images: bool) -> Listing:
+    """The entries of a split folder (``images=False``: its members are class folders) or of a
+    class folder (``images=True``: its members are image files).
+
+    ``addertrain data check`` and the loader both read folders through this, so they agree
+    on what is an image, what is skipped and what is refused."""
+    members, ignored, broken = [], [], []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        kind = _entry_kind(entry)
+        if kind not in ("dir", "file"):
+            broken.append(f"{entry.name} ({kind})")
+        elif images and kind == "dir" and is_image(entry.name):
+            broken.append(f"{entry.name} (a folder named like an image)")
+        elif (kind == "file" and is_image(entry.name)) if images else kind == "dir":
+            members.append(entry.name)
+        else:
+            ignored.append(entry.name)
+    return Listing(members, ignored, broken)
+
+
+def _readable_members(path: Path, images: bool) -> list[str]:
+    listing = list_folder(path, images)
+    if listing.broken:
+        raise UserError(f"{path} holds entries the loader cannot read: {first_few(listing.broken)}; "
+                        "fix or remove them (`addertrain data check` lists every problem)")
+    return listing.members
+
+
 def class_folders(split_dir: Path) -> list[str]:
     """Sorted names of the class folders of a split (hidden folders are not classes)."""
-    return sorted(e.name for e in os.scandir(split_dir)
-                  if e.is_dir() and not e.name.startswith("."))
+    return _readable_members(split_dir, images=False)
 
 
 def image_names(class_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(class_dir) if e.is_file() and is_image(e.name))
+    return _readable_members(class_dir, images=True)
 
 
 def split_path(root: str | Path, split: str) -> Path:
@@ -54,6 +117,9 @@ def split_path(root: str | Path, split: str) -> Path:
         raise UserError(f"dataset folder {root} does not exist; set data.root to a folder holding "
                         f"{split}/<class>/*.JPEG (e.g. `addertrain data digits {root}` makes one)")
     path = root / split
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"split {path} is a symlink that leads nowhere (broken, or a loop); point "
+                        "it at the split's folder or file list")
     if not path.exists():
         found = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
         raise UserError(f"dataset {root} has no split {split!r} (found: {', '.join(found) or 'nothing'}); "
@@ -61,19 +127,33 @@ def split_path(root: str | Path, split: str) -> Path:
     return path
 
 
+def parse_file_list(path: Path) -> tuple[list[tuple[str, int]], list[tuple[int, str]]]:
+    """The (relative path, label) entries of a file list, and its malformed (line number,
+    line) pairs. A line is a path (which may hold spaces), whitespace and a label."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"file list {path} is not UTF-8 text (byte offset {e.start}); write one "
+                        "'relative/path label' per line in UTF-8") from None
+    entries, bad = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.strip().rsplit(None, 1)
+        if len(fields) == 2 and fields[1].isdecimal():  # isdigit() also passes "²", which int() refuses
+            entries.append((fields[0], int(fields[1])))
+        elif fields:
+            bad.append((n, line.strip()))
+    return entries, bad
+
+
 def _read_file_list(path: Path) -> tuple[list[str], list[int]]:
-    files, labels = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        name, _, label = line.strip().rpartition(" ")
-        if not name or not label.isdigit():
-            raise UserError(f"{path}:{n}: expected 'relative/path label', got {line.strip()!r}")
-        files.append(str((path.parent / name.strip()).resolve()))
-        labels.append(int(label))
-    if not files:
+    entries, bad = parse_file_list(path)
+    if bad:
+        lines = [f"{path}:{n}: {line!r}" for n, line in bad]
+        raise UserError(f"malformed file list lines, expected 'relative/path label': {first_few(lines, 3)}")
+    if not entries:
         raise UserError(f"file list {path} is empty; list one 'relative/path label' per line")
-    return files, labels
+    # abspath, not resolve(): a symlink loop in the list must reach the checks, not raise here
+    return [os.path.abspath(path.parent / name) for name, _ in entries], [y for _, y in entries]
 
 
 def class_names(root: str | Path, train_split: str) -> list[str]:

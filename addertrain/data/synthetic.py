@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from addertrain.errors import UserError
+
 _SPLIT_SEED = {"train": 1, "val": 2}
 
 
@@ -30,7 +32,8 @@ class SyntheticLoader:
         global_batch = batch * num_shards
         self.steps_per_epoch = (size // global_batch if training else -(-size // global_batch))
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{size} synthetic samples give no full batch of {global_batch}")
+            raise UserError(f"{size} synthetic samples give no full batch of {global_batch}; raise "
+                            f"data.synthetic.{split}_size to at least {global_batch}")
         self.epoch, self.step = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
