@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -242,6 +243,14 @@ class _Loader(yaml.SafeLoader):
                                         f"{key_node.start_mark.line + 1}); keep one of them")
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 and 1e30 as strings: it wants a dot and a signed exponent.
+# With strict types such a learning rate would be refused, so exponents are floats here.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def _parse_value(text: str) -> Any:

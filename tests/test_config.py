@@ -198,3 +198,11 @@ def test_help_for_every_command():
         out = _cli(*args, "--help")
         assert out.returncode == 0, (args, out.stderr)
         assert "usage: addertrain " + " ".join(args) in out.stdout
+
+
+def test_exponent_floats_are_numbers_in_recipes_and_overrides(tmp_path):
+    # PyYAML (YAML 1.1) would read these as strings, which strict types then refuse
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim: {lr: 1e-3, weight_decay: 5e-4}\n")
+    cfg = config.load(recipe, ["schedule.min_lr=1e-6"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.schedule.min_lr) == (1e-3, 5e-4, 1e-6)
