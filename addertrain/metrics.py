@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
+
+from addertrain.console import LOG
 
 
 def _hms(seconds: float) -> str:
@@ -85,8 +86,8 @@ class MetricsLog:
 class Progress:
     """Prints ``step/total | loss | lr | img/s | ETA`` lines; rate and ETA cover the last interval."""
 
-    def __init__(self, total_steps: int, enabled: bool, stream=sys.stdout):
-        self.total, self.enabled, self.stream = total_steps, enabled, stream
+    def __init__(self, total_steps: int, enabled: bool):
+        self.total, self.enabled = total_steps, enabled
         self.mark(0, 0)
 
     def mark(self, step: int, images: int) -> None:
@@ -105,7 +106,7 @@ class Progress:
             parts = [f"step {step}/{self.total}"] + [
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
             parts += [f"{rate:.1f} img/s", f"ETA {_hms(eta)}"]
-            print(" | ".join(parts), file=self.stream, flush=True)
+            LOG.info(" | ".join(parts))
         return rate
 
 

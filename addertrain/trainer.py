@@ -15,6 +15,7 @@ from addertrain import distributed, engine as ds_engine
 from addertrain.alr import AdderSGD, param_groups
 from addertrain.checkpoint import Checkpointer, RNGState
 from addertrain.config import Config
+from addertrain.console import LOG
 from addertrain.data import build_loader
 from addertrain.errors import UserError
 from addertrain.metrics import MetricsLog, Progress, eval_line, plot
@@ -129,7 +130,7 @@ class Trainer:
             self.train_data.set_epoch(epoch)
         if self.world.is_main:
             self.log.forget_after(self.step)
-            print(f"resumed from {path} at step {self.step}/{self.total_steps}", flush=True)
+            LOG.info(f"resumed from {path} at step {self.step}/{self.total_steps}")
         self.progress.mark(self.step, self.images_seen)
 
     # -- the loop -------------------------------------------------------------
@@ -194,7 +195,7 @@ class Trainer:
         self.last_eval = result = self.evaluate()
         self.log.write("eval", step=self.step, epoch=self.step / self.steps_per_epoch, **result)
         if self.world.is_main:
-            print(f"eval at step {self.step}: {eval_line(result)}", flush=True)
+            LOG.info(f"eval at step {self.step}: {eval_line(result)}")
         self.progress.mark(self.step, self.images_seen)
 
     def _summary(self, status: str) -> dict:

@@ -24,12 +24,13 @@ def train_worker(cfg_dict: dict) -> None:
     """Train (from a checkpoint if there is one); rank 0 leaves the summary in
     ``run_dir/result.json`` for the launcher, with ``status`` completed or preempted."""
     worker_env()
-    from addertrain import checkpoint, distributed
+    from addertrain import checkpoint, console, distributed
     from addertrain.config import Config
     from addertrain.trainer import Trainer
 
     cfg = Config.model_validate(cfg_dict)
     world = distributed.init(cfg.train.device)
+    console.setup(world.rank)
     trainer = Trainer(cfg, world)
     # The run's own latest checkpoint comes first: after a failure Ray restarts the workers
     # with the same arguments, and they must continue, not go back to the launch's start.
