@@ -21,6 +21,7 @@ workers force ``weights_only=True`` on every ``torch.load`` besides (:mod:`adder
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -172,8 +173,8 @@ def read_meta(path: Path) -> dict:
         if f is None or f.is_symlink() or not f.is_file():
             raise UserError(f"{path / name} is missing (or not a regular file inside {path}): the "
                             f"checkpoint is incomplete; resume from another one in {path.parent}")
-        if f.stat().st_size != size:
-            raise UserError(f"{f} has {f.stat().st_size} bytes where {size} were written: it is "
+        if _size(f) != size:
+            raise UserError(f"{f} has {_size(f)} bytes where {size} were written: it is "
                             f"truncated or damaged; resume from another checkpoint in {path.parent}")
     unlisted = sorted(entries.keys() - files.keys() - {META})
     if unlisted:
@@ -182,6 +183,13 @@ def read_meta(path: Path) -> dict:
                         "they were not written with the checkpoint and would be loaded unverified: "
                         "remove them if you know where they come from, or use another checkpoint")
     return meta
+
+
+def _size(f: Path) -> int:
+    """The size of an opened file: on NFS, opening revalidates the attributes a client may
+    have cached from before another node finished writing (close-to-open consistency)."""
+    with open(f, "rb") as handle:
+        return os.fstat(handle.fileno()).st_size
 
 
 def _unpickle_reason(e: Exception) -> str:
@@ -352,6 +360,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _recording_writes(engine):
+    """The paths DeepSpeed's checkpoint engine writes in this process while inside."""
+    written: list[str] = []
+    ce = engine.checkpoint_engine
+    original = ce.save
+
+    def save(state_dict, path):
+        original(state_dict, path)
+        written.append(path)
+
+    ce.save = save
+    try:
+        yield written
+    finally:
+        ce.save = original
+
+
 class Checkpointer:
     """Saves and restores the DeepSpeed engine and named state parts (objects with
     ``state_dict()``/``load_state_dict()`` of JSON-safe data), every rank its own."""
@@ -364,6 +390,7 @@ class Checkpointer:
         self.every_s = c.interval_minutes * 60 if c.interval_minutes else None
         self.last_save = time.monotonic()
         self.seconds = 0.0  # time spent saving, for the result summary
+        self.best_top1: float | None = None  # the best validation top-1 saved by this run so far
         if world.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             for partial in self.dir.glob(TMP + "*"):
@@ -389,6 +416,12 @@ class Checkpointer:
         due_steps, due_time, stop = flags
         return due_steps or due_time or stop, stop
 
+    def wants_save_after_eval(self, top1: float) -> bool:
+        """Whether an evaluation's result deserves a checkpoint of its own: only a new best
+        that ``checkpoint.keep_best`` would keep (other evaluations wait for the periodic
+        checkpoint). The same answer on every rank: ``top1`` is all-reduced."""
+        return bool(self.cfg.checkpoint.keep_best) and (self.best_top1 is None or top1 > self.best_top1)
+
     def save(self, step: int, top1: float | None = None) -> Path:
         import torch.distributed as dist
 
@@ -397,18 +430,30 @@ class Checkpointer:
         tmp, final = self.dir / (TMP + tag), self.dir / tag
         recipe = self.cfg.to_dict()
         digest = protected_digest(recipe)
-        self.engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False,
-                                    client_state={"addertrain": {"step": step, "digest": digest}})
+        with _recording_writes(self.engine) as written:
+            self.engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False,
+                                        client_state={"addertrain": {"step": step, "digest": digest}})
         tmp.mkdir(exist_ok=True)
-        _write_json(tmp / f"rank{self.world.rank}.json",
-                    {name: part.state_dict() for name, part in self.parts.items()})
-        dist.barrier()
+        own = tmp / f"rank{self.world.rank}.json"
+        _write_json(own, {name: part.state_dict() for name, part in self.parts.items()})
+        # Each rank reports the sizes of the files it wrote, as it wrote them: on shared storage
+        # rank 0 may not see another node's files yet, or see them with stale sizes.
+        mine = {str(Path(p).relative_to(tmp)): os.stat(p).st_size for p in [*written, own]}
+        reports = [None] * self.world.world_size if self.world.is_main else None
+        dist.gather_object(mine, reports, dst=0)  # also a barrier: every rank has written
+        if top1 is not None and (self.best_top1 is None or top1 > self.best_top1):
+            self.best_top1 = top1
         if self.world.is_main:
-            files = {str(p.relative_to(tmp)): p.stat().st_size
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            # What no rank reported was copied in by DeepSpeed on this rank (ZeRO's
+            # zero_to_fp32.py), so this rank's own listing is right for it.
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+            for report in reports:
+                files.update(report)
             _write_json(tmp / META, {"format": FORMAT, "tag": tag, "step": step, "top1": top1,
+                                     "best_top1": self.best_top1,
                                      "world_size": self.world.world_size, "digest": digest,
-                                     "recipe": recipe, "time": time.time(), "files": files})
+                                     "recipe": recipe, "time": time.time(),
+                                     "files": dict(sorted(files.items()))})
             if os.environ.get(CRASH_BEFORE_PUBLISH) == str(step):
                 os.kill(os.getpid(), signal.SIGKILL)
             self._publish(tmp, final)
@@ -467,6 +512,8 @@ class Checkpointer:
         state = json.loads(own.read_text())
         for name, part in self.parts.items():
             part.load_state_dict(state[name])
+        best = meta.get("best_top1", meta.get("top1"))  # checkpoints before best_top1 existed
+        self.best_top1 = best if type(best) in (int, float) else None
         return meta
 
 

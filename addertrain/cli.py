@@ -19,6 +19,7 @@ COMMANDS = {
     (None, "eval"): "addertrain.evaluate",
     (None, "report"): "addertrain.report",
     (None, "ops"): "addertrain.opcount",
+    (None, "warmup"): "addertrain.warmup",
     ("bench", "op"): "addertrain.bench.op",
     ("bench", "kernels"): "addertrain.bench.kernels",
     ("bench", "data"): "addertrain.bench.data",

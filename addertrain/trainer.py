@@ -161,7 +161,8 @@ class Trainer:
             if evaluated:
                 self._evaluate_and_log()
             due, stop = self.checkpointer.poll(self.step)
-            if due or final or (evaluated and self.cfg.checkpoint.keep_best):
+            if due or final or (evaluated and
+                                self.checkpointer.wants_save_after_eval(self.last_eval["top1"])):
                 self._check_finite()  # never checkpoint a diverged model
                 self.checkpointer.save(self.step, self.last_eval["top1"] if evaluated else None)
             if stop and not final:

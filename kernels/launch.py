@@ -115,11 +115,14 @@ def _quick_bench(kernel_call, quantiles):
 
 def autotune(tiles: list[tuple], small: tuple, columns_arg: str):
     """The autotuning decorator both Triton kernels use: keyed on the problem shape, configs
-    from ``tiles``, pruned by ``column_waste_pruner(columns_arg)``."""
+    from ``tiles``, pruned by ``column_waste_pruner(columns_arg)``. ``cache_results``: the
+    timings go to Triton's cache directory beside the compiled kernels, so another process
+    on the node (the next rank, the next launch) takes the chosen config without timing
+    again (addertrain/warmup.py); the interpreter caches nothing."""
     return triton.autotune(configs=tile_configs(tiles, small),
                            key=["N", "C", "H", "W", "O", "KH", "STRIDE", "PAD"],
                            prune_configs_by={"early_config_prune": column_waste_pruner(columns_arg)},
-                           do_bench=_quick_bench)
+                           do_bench=_quick_bench, cache_results=True)
 
 
 def column_waste_pruner(columns_arg: str):

@@ -7,6 +7,7 @@ continues from the last periodic one)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -146,8 +147,12 @@ def check_address(cfg: config.Config, address: str | None, smoke: bool) -> None:
 
 def execute(cfg: config.Config, address: str | None = None) -> None:
     if cfg.distributed.executor == "local":
+        from addertrain import warmup
         from addertrain.launch import local
 
+        # this process is the worker (alone, or one rank of torchrun / srun)
+        local_rank = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"
+        warmup.before_training(cfg, int(local_rank))
         local.run(cfg)
         return
     from addertrain.launch import ray_executor

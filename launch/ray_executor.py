@@ -3,8 +3,10 @@
 Ray creates the torch process group and exports RANK/LOCAL_RANK/WORLD_SIZE; each worker
 then builds its own DeepSpeed engine on that group (addertrain.worker). Without an address
 an embedded single-node cluster (launch/embedded_ray.py) is started for the run and stopped
-after it. A UserError in a worker ends the launch as it would in this process: one line,
-exit code 2.
+after it; either way the recipe must fit the resources that exist. Before training, every
+worker checks that it sees the run directory and the dataset (launch/nodes.py) and warms the
+Triton kernels (addertrain/warmup.py). A UserError in a worker ends the launch as it would in
+this process: one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -19,21 +21,19 @@ from pathlib import Path
 from addertrain import preempt
 from addertrain.config import Config
 from addertrain.errors import UserError
+from addertrain.launch import nodes
 
 
 def worker_env_vars(cfg: Config) -> dict[str, str]:
-    """Environment every worker needs before DeepSpeed, DALI or NCCL are imported."""
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get(
-               "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/addertrain/torch_extensions")),
+    """Environment every worker needs before DeepSpeed, DALI or NCCL are imported: the
+    launch's own by prefix (launch/nodes.py), and settings of ours."""
+    env = {"TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/addertrain/torch_extensions"),
+           **nodes.forwarded_env(),
            # Ray Train's print patch tees into Ray's own stdout capture: every line twice
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if cfg.distributed.gpus_per_worker == 0:
         env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
-    for key in ("NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_DEBUG", "GLOO_SOCKET_IFNAME",
-                "TRITON_INTERPRET", "OMP_NUM_THREADS"):
-        if key in os.environ:
-            env[key] = os.environ[key]
     return env
 
 
@@ -72,26 +72,40 @@ def _cluster(address: str | None, cfg: Config):
         return
     from addertrain.launch import embedded_ray
 
-    d = cfg.distributed
-    cpus = max(os.cpu_count() or 1, int(d.workers * d.cpus_per_worker + 0.999))
-    gpus = int(d.workers * d.gpus_per_worker + 0.999) or None
-    with embedded_ray.cluster(num_cpus=cpus, num_gpus=gpus, logging_level="WARNING"):
+    # What this machine has, not what the recipe asks for: a cluster declared larger hands
+    # out GPU ids that do not exist.
+    have = machine_resources()
+    _check_fits(cfg, have, "this machine")
+    with embedded_ray.cluster(num_cpus=have["CPU"], num_gpus=have["GPU"], logging_level="WARNING"):
         yield
 
 
-def _check_resources(cfg: Config) -> None:
-    """Ray Train waits forever for workers it cannot place: refuse at once instead."""
-    import ray
+def machine_resources() -> dict[str, int]:
+    """The CPUs this process may run on and the GPUs torch can use."""
+    import torch
 
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"CPU": cpus or 1, "GPU": torch.cuda.device_count()}
+
+
+def _check_fits(cfg: Config, have: dict, where: str) -> None:
+    """Ray Train waits forever for workers it cannot place: refuse at once instead."""
     d = cfg.distributed
-    have = ray.cluster_resources()
     need = {"CPU": d.workers * d.cpus_per_worker, "GPU": d.workers * d.gpus_per_worker}
     for name, amount in need.items():
         if amount > have.get(name, 0) + 1e-9:
             raise UserError(
                 f"distributed.workers={d.workers} need {amount:g} {name} in all "
-                f"({d.cpus_per_worker:g} CPU, {d.gpus_per_worker:g} GPU each) but the Ray cluster "
-                f"has {have.get(name, 0):g}; lower distributed.workers or the per-worker resources")
+                f"({d.cpus_per_worker:g} CPU, {d.gpus_per_worker:g} GPU each) but {where} has "
+                f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; lower "
+                f"distributed.workers or the per-worker resources (distributed.gpus_per_worker=0 "
+                "trains on CPUs)")
+
+
+def _check_resources(cfg: Config) -> None:
+    import ray
+
+    _check_fits(cfg, ray.cluster_resources(), "the Ray cluster")
 
 
 class _HideUserErrors(logging.Filter):
@@ -103,10 +117,21 @@ class _HideUserErrors(logging.Filter):
 
 
 def _ray_worker(config: dict) -> None:
+    import ray
+    import ray.train
+
+    from addertrain import warmup
     from addertrain.worker import train_worker
 
     for handler in logging.getLogger("ray.train").handlers:
         handler.addFilter(_HideUserErrors())
+    cfg = Config.model_validate(config["cfg"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    nodes.check(cfg, config["run_token"], rank, node)
+    nodes.report(cfg, rank, node)
+    warmup.before_training(cfg, context.get_local_rank())
     train_worker(config["cfg"])
 
 
@@ -142,9 +167,10 @@ def run(cfg: Config, address: str | None) -> None:
         resources = {"CPU": d.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = d.gpus_per_worker
+        token = nodes.write_token(run_dir)
         trainer = TorchTrainer(
             _ray_worker,
-            train_loop_config={"cfg": cfg.to_dict()},
+            train_loop_config={"cfg": cfg.to_dict(), "run_token": token},
             scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=use_gpu,
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
