@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from addertrain.console import LOG
 from addertrain.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -378,6 +379,22 @@ def _recording_writes(engine):
         ce.save = original
 
 
+@contextlib.contextmanager
+def _storage_errors(tmp: Path):
+    """A checkpoint that cannot be written (full disk, read-only, no permission) ends the run
+    with one line; its unfinished folder goes, the published checkpoints stay."""
+    from addertrain.storage import describe_write_error
+
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        message = describe_write_error(e, tmp)
+        if message is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(message) from None
+
+
 class Checkpointer:
     """Saves and restores the DeepSpeed engine and named state parts (objects with
     ``state_dict()``/``load_state_dict()`` of JSON-safe data), every rank its own."""
@@ -394,7 +411,7 @@ class Checkpointer:
         if world.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             for partial in self.dir.glob(TMP + "*"):
-                print(f"removing the unfinished checkpoint {partial}", flush=True)
+                LOG.info(f"removing the unfinished checkpoint {partial}")
                 shutil.rmtree(partial)
 
     def poll(self, step: int) -> tuple[bool, bool]:
@@ -430,12 +447,12 @@ class Checkpointer:
         tmp, final = self.dir / (TMP + tag), self.dir / tag
         recipe = self.cfg.to_dict()
         digest = protected_digest(recipe)
-        with _recording_writes(self.engine) as written:
+        own = tmp / f"rank{self.world.rank}.json"
+        with _storage_errors(tmp), _recording_writes(self.engine) as written:
             self.engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False,
                                         client_state={"addertrain": {"step": step, "digest": digest}})
-        tmp.mkdir(exist_ok=True)
-        own = tmp / f"rank{self.world.rank}.json"
-        _write_json(own, {name: part.state_dict() for name, part in self.parts.items()})
+            tmp.mkdir(exist_ok=True)
+            _write_json(own, {name: part.state_dict() for name, part in self.parts.items()})
         # Each rank reports the sizes of the files it wrote, as it wrote them: on shared storage
         # rank 0 may not see another node's files yet, or see them with stale sizes.
         mine = {str(Path(p).relative_to(tmp)): os.stat(p).st_size for p in [*written, own]}
@@ -478,8 +495,8 @@ class Checkpointer:
     def _retain(self, current: Path) -> None:
         c = self.cfg.checkpoint
         for path in retain(self.dir, c.keep_last, c.keep_best, current):
-            print(f"removed the checkpoint {path} (checkpoint.keep_last={c.keep_last}, "
-                  f"keep_best={c.keep_best})", flush=True)
+            LOG.debug(f"removed the checkpoint {path} (checkpoint.keep_last={c.keep_last}, "
+                      f"keep_best={c.keep_best})")
 
     def _report_to_ray(self, path: Path, step: int, top1: float | None) -> None:
         """Tell Ray Train about the checkpoint (it lies in the run directory, which is the Ray

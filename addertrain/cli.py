@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from addertrain import console
 from addertrain.errors import UserError
 
 # (group, name) -> module; group None means a top-level command.
@@ -34,11 +35,21 @@ GROUP_HELP = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("addertrain")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="addertrain",
         description="Train multiplication-free AdderNets: Triton adder kernels, DALI input, "
                     "DeepSpeed workers orchestrated by Ray.")
+    parser.add_argument("--version", action="version", version=f"addertrain {_version()}")
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups = {}
     for (group, name), path in COMMANDS.items():
@@ -64,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    console.setup()
     try:
         return args._run(args) or 0
     except UserError as e:

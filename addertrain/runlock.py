@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from addertrain.errors import UserError
+from addertrain.storage import describe_write_error
 
 LOCK_FILE = "launch.lock"
 
@@ -80,8 +81,7 @@ def acquire(run_dir: Path) -> RunLock:
             # a failed launch may have just removed the directory it had created: retry
             if isinstance(e, FileNotFoundError) and attempt < 2:
                 continue
-            raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror}); "
-                            "choose a writable run.dir") from None
+            raise UserError(describe_write_error(e, run_dir)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -104,6 +104,10 @@ def acquire(run_dir: Path) -> RunLock:
                         "launch again, or under another run.name")
     info = {"pid": os.getpid(), "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+    except OSError as e:  # a full disk: the lock is held, only its note is missing
+        os.close(fd)
+        raise UserError(describe_write_error(e, run_dir)) from None
     return RunLock(run_dir, fd, created)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from addertrain.config import Config
+from addertrain.console import LOG
 from addertrain.errors import UserError
 
 HELP = ("compile and autotune the Triton adder kernels for a recipe's layer shapes at its micro "
@@ -117,8 +118,8 @@ def before_training(cfg: Config, local_rank: int) -> float | None:
     with _node_lock(cache):
         waited = time.perf_counter() - waited
         seconds = warm(shapes, device)
-    print(f"Triton kernels ready on {device} for {len(shapes)} layer shapes in {seconds:.1f} s "
-          f"(after {waited:.1f} s waiting for the node's other ranks; cache {cache})", flush=True)
+    LOG.info(f"Triton kernels ready on {device} for {len(shapes)} layer shapes in {seconds:.1f} s "
+             f"(after {waited:.1f} s waiting for the node's other ranks; cache {cache})")
     return seconds
 
 

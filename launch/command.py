@@ -12,7 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
-from addertrain import config, preempt, runlock
+from addertrain import config, console, preempt, runlock
+from addertrain.console import LOG
 from addertrain.errors import UserError
 from addertrain.metrics import MetricsLog, eval_line
 
@@ -32,6 +33,12 @@ def add_arguments(p) -> None:
                    help="auto (default): continue from the run directory's latest checkpoint if "
                         "there is one; PATH: start from that checkpoint (or run directory); "
                         "none: a fresh start")
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", action="store_true",
+                      help="print only warnings, errors and the result")
+    talk.add_argument("-v", "--verbose", action="store_true",
+                      help="also print Ray's and Ray Train's information lines, with each "
+                           "worker's prefix")
     p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                    help="resume although the recipe changed KEY (a key or section, e.g. "
                         "schedule.epochs); repeatable")
@@ -55,7 +62,7 @@ def prepare_data(cfg: config.Config, training: bool = True) -> list[str] | None:
     if cfg.data.prepare == "digits" and not root.exists():
         from addertrain.data.digits import prepare_digits
 
-        print(f"preparing the digits dataset in {root}", flush=True)
+        LOG.info(f"preparing the digits dataset in {root}")
         prepare_digits(root, cfg.data.image_size)
     from addertrain.data.check import SAMPLE, quick_check
     from addertrain.data.folder import class_names
@@ -65,9 +72,9 @@ def prepare_data(cfg: config.Config, training: bool = True) -> list[str] | None:
     found = quick_check(root, d.train_split, d.val_split,
                         read=(d.train_split, d.val_split) if training else (d.val_split,),
                         sample=SAMPLE if cfg.run.data_check == "sample" else None)
-    print(f"dataset {root}: {found['images'][d.train_split]} training and "
-          f"{found['images'][d.val_split]} validation images; opened {found['checked']} in "
-          f"{time.perf_counter() - start:.1f} s (run.data_check={cfg.run.data_check})", flush=True)
+    LOG.info(f"dataset {root}: {found['images'][d.train_split]} training and "
+             f"{found['images'][d.val_split]} validation images; opened {found['checked']} in "
+             f"{time.perf_counter() - start:.1f} s (run.data_check={cfg.run.data_check})")
     classes = class_names(root, d.train_split)
     if len(classes) != cfg.model.num_classes:
         raise UserError(f"{root / d.train_split} has {len(classes)} class folders but "
@@ -131,7 +138,7 @@ def choose_start(cfg: config.Config, spec: str, allow: list[str], smoke: bool) -
     meta = checkpoint.verify(path)
     checkpoint.check_compatible(meta, path, cfg.to_dict(), cfg.distributed.workers, allow)
     cfg.checkpoint.resume = str(path)
-    print(f"resuming from {path} (step {meta['step']})", flush=True)
+    LOG.info(f"resuming from {path} (step {meta['step']})")
 
 
 def check_address(cfg: config.Config, address: str | None, smoke: bool) -> None:
@@ -161,18 +168,22 @@ def execute(cfg: config.Config, address: str | None = None) -> None:
 
 
 def run(args) -> int:
+    # every process of the run (Ray workers too) reads the verbosity from the environment
+    os.environ[console.ENV] = str(-1 if args.quiet else 1 if args.verbose else 0)
+    console.setup()
     cfg = config.load(args.recipe, args.overrides)
-    # Workers may run in another working directory (Ray) or on another node.
-    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    # Workers may run in another working directory (Ray) or on another node. Absolute, not
+    # resolved: resolving a symlink loop raises, and the data check names loops itself.
+    cfg.run.dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
     if cfg.data.root:
-        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+        cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
     notes = []
     if args.smoke:
         from addertrain import smoke
 
         cfg, notes = smoke.shrink(cfg)
         for note in notes:
-            print(f"smoke: {note}", flush=True)
+            LOG.info(f"smoke: {note}")
     check_address(cfg, args.address, args.smoke)
     from addertrain.engine import batch_split, check_precision
 
@@ -209,7 +220,7 @@ def train(cfg: config.Config, args, notes: list[str]) -> int:
         from addertrain.data.folder import save_class_map
 
         save_class_map(classes, run_dir)
-    print(f"run directory: {run_dir}", flush=True)
+    LOG.info(f"run directory: {run_dir}")
     start = time.perf_counter()
     execute(cfg, args.address)
     wall = time.perf_counter() - start

@@ -18,7 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
-from addertrain import preempt
+from addertrain import console, preempt
 from addertrain.config import Config
 from addertrain.errors import UserError
 from addertrain.launch import nodes
@@ -30,7 +30,8 @@ def worker_env_vars(cfg: Config) -> dict[str, str]:
     env = {"TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/addertrain/torch_extensions"),
            **nodes.forwarded_env(),
            # Ray Train's print patch tees into Ray's own stdout capture: every line twice
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           console.ENV: str(console.verbosity())}
     if cfg.distributed.gpus_per_worker == 0:
         env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -153,7 +154,19 @@ def _fit(trainer) -> None:
         raise
 
 
+def _driver_console() -> None:
+    """How Ray prints the workers' lines here, read when ray is first imported: without the
+    ``(RayTrainWorker pid=...)`` prefix (rank 0's lines are the run's own; the other ranks
+    name themselves, see addertrain/console.py) unless verbose, and without colour codes
+    when the output is not a terminal."""
+    if console.verbosity() <= 0:
+        os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 def run(cfg: Config, address: str | None) -> None:
+    _driver_console()
     with _cluster(address, cfg):  # first: the embedded cluster must set up before ray loads
         from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -182,6 +195,7 @@ def run(cfg: Config, address: str | None) -> None:
                 worker_runtime_env={"env_vars": worker_env_vars(cfg)},
                 # Ray Train's INFO lines (placement, each failure decision with the worker's
                 # traceback) are noise next to our progress; its warnings stay.
-                logging_config=LoggingConfig(log_level="WARNING")),
+                logging_config=LoggingConfig(
+                    log_level="INFO" if console.verbosity() > 0 else "WARNING")),
         )
         _fit(trainer)

@@ -12,3 +12,7 @@ if ! .venv/bin/python -c "import addertrain, deepspeed, ray, nvidia.dali, triton
     .venv/bin/python -m pip install -q -c constraints/cpu-dev.txt torch==2.13.0
     .venv/bin/python -m pip install -q -c constraints/cpu-dev.txt -e '.[cuda12,dev]'
 fi
+# The multi-node tests (run as root) make network namespaces with ip, from iproute2.
+if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2
+fi

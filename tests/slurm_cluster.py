@@ -1,10 +1,16 @@
-"""A real single-node Slurm cluster on localhost for the tests.
+"""A real Slurm cluster for the tests: one node on localhost, or one node per network
+namespace (tests/netns.py).
 
 Debian's munge, slurmctld, slurmd and slurm-client (installed on first use when
 missing and running as root), configured in a private temp dir: munged with its
-own key and socket, ``slurmctld -D`` and ``slurmd -D -N localhost`` as child
+own key and socket, ``slurmctld -D`` and ``slurmd -D -N NODE`` as child
 processes that are stopped by PID afterwards. Job processes are tracked by
 process tree (no cgroups), which is what a container or CI machine allows.
+
+Across namespaces each node is a host: slurmctld and the clients on the first, one slurmd
+on each with its own spool, log and PID file (``%n`` in slurm.conf), and its own node-local
+folder (``node_local``, a private mount of the same path), as /tmp is on separate machines.
+munged stays outside: its socket is a file, which every namespace reaches.
 """
 
 from __future__ import annotations
@@ -99,10 +105,15 @@ def job_pids(job_id: int | str) -> list[int]:
 
 
 class SlurmCluster:
-    """munged + slurmctld + slurmd on localhost; ``env`` points the Slurm clients at it."""
+    """munged + slurmctld + slurmd on localhost, or on ``hosts`` (one slurmd each); ``env``
+    points the Slurm clients at it, ``run`` runs them where slurmctld can be reached."""
 
-    def __init__(self):
+    def __init__(self, hosts=None):
+        self.hosts = list(hosts or [])
+        self.nodes = [(h.name, h.ip) for h in self.hosts] or [(NODE, "127.0.0.1")]
         self.dir = Path(tempfile.mkdtemp(prefix="addertrain-slurm-"))
+        # short: Ray puts its sockets in the node-local folder (108-byte path limit)
+        self.node_local = Path(tempfile.mkdtemp(prefix="atl", dir="/tmp")) if self.hosts else None
         # munged wants its socket folder reachable by every client: world-executable.
         self.dir.chmod(0o755)
         self.conf = self.dir / "slurm.conf"
@@ -119,11 +130,15 @@ class SlurmCluster:
         try:
             self._start_munge()
             self._write_conf()
-            self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
+            self._spawn("slurmctld", self._on_first(["slurmctld", "-D", "-f", str(self.conf)]))
             self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0,
                        timeout, "slurmctld to answer scontrol ping")
-            self._spawn("slurmd", ["slurmd", "-D", "-N", NODE, "-f", str(self.conf)])
-            self._wait(lambda: self.node_state() == "idle", timeout, f"node {NODE} to be idle")
+            for i, (name, _) in enumerate(self.nodes):
+                cmd = ["slurmd", "-D", "-N", name, "-f", str(self.conf)]
+                self._spawn(f"slurmd-{name}", self._on_node(i, cmd) if self.hosts else cmd)
+            names = [name for name, _ in self.nodes]
+            self._wait(lambda: all(self.node_state(n) == "idle" for n in names), timeout,
+                       f"nodes {', '.join(names)} to be idle")
         except BaseException:
             self.stop()
             raise
@@ -146,13 +161,27 @@ class SlurmCluster:
                 text=True).returncode == 0
         self._wait(works, 30, "munged to encode and decode a credential")
 
+    def _on_first(self, cmd: list[str]) -> list[str]:
+        return self.hosts[0].command(cmd) if self.hosts else cmd
+
+    def _on_node(self, i: int, cmd: list[str]) -> list[str]:
+        """``cmd`` on host ``i`` with its own copy of ``node_local`` (a private mount, which
+        slurmd passes on to every job step it starts)."""
+        own = self.dir / f"local-{self.nodes[i][0]}"
+        own.mkdir()
+        return self.hosts[i].command(cmd, mounts={own: self.node_local})
+
     def _write_conf(self):
-        for sub in ("state", "spool"):
+        for sub in ["state"] + [f"spool-{name}" for name, _ in self.nodes]:
             (self.dir / sub).mkdir()
         d = self.dir
+        first, first_ip = self.nodes[0]
+        controller = first if not self.hosts else f"{first}({first_ip})"
+        nodes = "\n".join(f"NodeName={name} NodeAddr={ip} CPUs={NODE_CPUS} State=UNKNOWN"
+                          for name, ip in self.nodes)
         self.conf.write_text(f"""\
 ClusterName=addertrain-test
-SlurmctldHost={NODE}
+SlurmctldHost={controller}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 SlurmUser=root
@@ -160,11 +189,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.socket}
 StateSaveLocation={d / 'state'}
-SlurmdSpoolDir={d / 'spool'}
+SlurmdSpoolDir={d / 'spool-%n'}
 SlurmctldPidFile={d / 'slurmctld.pid'}
-SlurmdPidFile={d / 'slurmd.pid'}
+SlurmdPidFile={d / 'slurmd-%n.pid'}
 SlurmctldLogFile={d / 'slurmctld.log'}
-SlurmdLogFile={d / 'slurmd.log'}
+SlurmdLogFile={d / 'slurmd-%n.log'}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -182,8 +211,8 @@ ReturnToService=2
 JobRequeue=1
 KillWait=10
 MinJobAge=600
-NodeName={NODE} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} State=UNKNOWN
-PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=debug Nodes={','.join(name for name, _ in self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def _spawn(self, name, cmd):
@@ -206,13 +235,14 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 
     # -- use ----------------------------------------------------------------------------
     def run(self, *cmd, check=True, **kw) -> subprocess.CompletedProcess:
-        r = subprocess.run(cmd, env=kw.pop("env", self.env), capture_output=True, text=True, **kw)
+        r = subprocess.run(self._on_first(list(cmd)), env=kw.pop("env", self.env),
+                           capture_output=True, text=True, **kw)
         if check and r.returncode:
             raise ClusterError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
 
-    def node_state(self) -> str:
-        r = self.run("sinfo", "-h", "-N", "-n", NODE, "-o", "%T", check=False)
+    def node_state(self, node: str = NODE) -> str:
+        r = self.run("sinfo", "-h", "-N", "-n", node, "-o", "%T", check=False)
         return r.stdout.strip() if r.returncode == 0 else ""
 
     def job(self, job_id) -> dict[str, str]:
@@ -229,7 +259,10 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 
     def logs(self, tail: int = 3000) -> str:
         out = []
-        for name in ("munged.log", "slurmctld.log", "slurmd.log", "slurmctld.out", "slurmd.out"):
+        names = ["munged.log", "slurmctld.log", "slurmctld.out"]
+        for node, _ in self.nodes:
+            names += [f"slurmd-{node}.log", f"slurmd-{node}.out"]
+        for name in names:
             p = self.dir / name
             if p.exists():
                 out.append(f"--- {name}\n{p.read_text(errors='replace')[-tail:]}")
@@ -244,7 +277,7 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
             while time.monotonic() < deadline and self.run(
                     "squeue", "-h", check=False, timeout=30).stdout.strip():
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [f"slurmd-{node}" for node, _ in self.nodes] + ["slurmctld", "munged"]:
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
                 continue
@@ -254,12 +287,17 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
-        # slurmstepd daemonizes away from slurmd: only the before/after difference finds it
-        left = sorted(daemon_pids() - getattr(self, "_before", set()))
+        # slurmstepd daemonizes away from slurmd: only the before/after difference finds it,
+        # or, across namespaces, the namespace it runs in
+        left = daemon_pids() - getattr(self, "_before", set())
+        if self.hosts:
+            left &= {pid for h in self.hosts for pid in h.pids()}
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
-        return left
+        if self.node_local:
+            shutil.rmtree(self.node_local, ignore_errors=True)
+        return sorted(left)

@@ -58,3 +58,60 @@ def test_alr_off_is_plain_sgd():
     g, w0 = layer.weight.grad.clone(), layer.weight.detach().clone()
     AdderSGD(param_groups(model, 0.0), lr=0.1, alr=False).step()
     assert torch.allclose(layer.weight, w0 - 0.1 * g)
+
+
+# -- ZeRO 1/2: DeepSpeed calls the optimizer once per group; the ALR all-reduces once per step --
+
+def _zero_rank(rank: int, store: str, out: str) -> None:
+    """One of 2 ranks: a ZeRO 1 then a ZeRO 2 step on the same batch on both ranks (so the
+    averaged gradient is exactly this batch's), through the project's engine setup."""
+    import os
+
+    import torch.distributed as dist
+
+    from addertrain import config, engine
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    results = {}
+    for zero in (1, 2):
+        cfg = config.load("recipes/synthetic_tiny.yaml", [
+            f"distributed.zero_stage={zero}", "train.global_batch=8", "train.micro_batch=4"])
+        model, images, labels = _model_and_batch()
+        opt = AdderSGD(param_groups(model, 1e-3), lr=0.1, momentum=0.9, eta=0.2, clip=0.5)
+        ds = engine.initialize(cfg, model, opt, world_size=2)
+        ds.backward(torch.nn.functional.cross_entropy(ds(images), labels))
+        ds.step()
+        results[zero] = {"summary": opt.summary(),
+                         "weights": {k: v.clone() for k, v in ds.module.state_dict().items()}}
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _model_and_batch():
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=3)
+    return model, torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+
+
+def test_zero_1_and_2_reduce_the_norms_once_per_step(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_zero_rank, args=(str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=2)
+    results = torch.load(tmp_path / "out.pt")
+    # the same step by hand: one process, the whole gradient, plain AdderSGD
+    model, images, labels = _model_and_batch()
+    opt = AdderSGD(param_groups(model, 1e-3), lr=0.1, momentum=0.9, eta=0.2, clip=0.5)
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    opt.step()
+    expected = model.state_dict()
+    groups = len(adder_layers(model)) + 1
+    for zero, r in results.items():
+        # one vector of every group's squared norm (20 adder layers + the clipped rest)
+        assert r["summary"]["all_reduces"] == 1, (zero, r["summary"])
+        assert r["summary"]["reduced_bytes"] == 4 * groups
+        assert r["summary"]["clip"] < 1  # the clip acted, from the summed norm of the rest
+        for k, v in expected.items():
+            assert torch.allclose(r["weights"][k], v, rtol=1e-5, atol=1e-6), (zero, k)

@@ -121,6 +121,14 @@ def test_run_dir_on_a_full_disk(tmpfs):
                       "free space or set run.dir to a larger disk")
 
 
+def test_checkpoint_on_a_disk_that_fills_up(tmpfs):
+    # room for the pre-flight and the logs, not for a checkpoint (about 2 MB for ResNet-20)
+    disk = tmpfs("size=1m")
+    out = launch(f"run.dir={disk / 'runs'}", "train.max_steps=2", "train.eval_interval=0")
+    assert_user_error(out, "free space or set run.dir to a larger disk, then resume")
+    assert not list((disk / "runs" / "synthetic-tiny" / "checkpoints").glob("tmp-*"))
+
+
 def test_torch_short_write_is_reported_as_a_full_disk(tmpfs):
     import torch
 

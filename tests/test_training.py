@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,7 +162,7 @@ def test_a_diverging_run_stops_before_checkpointing_it(tmp_path):
                  "checkpoint.interval_steps=3")
     assert out.returncode != 0
     assert "the training loss became non-finite at step" in out.stderr
-    bad = int(out.stderr.split("non-finite at step ")[1].split(";")[0])
+    bad = int(re.search(r"non-finite at step (\d+);", out.stderr).group(1))
     saved = [int(p.name.removeprefix("step")) for p in
              (tmp_path / "synthetic-tiny" / "checkpoints").glob("step*")]
     assert all(step < bad for step in saved)

@@ -3,7 +3,8 @@ Ray executor and DeepSpeed, and the share of each step spent in the adaptive lea
 
 Step times are the median gap between consecutive logged steps (every step is logged), after
 a warm-up; the ALR time is what AdderSGD measured around its pass (norms, the cross-rank sum
-of the per-layer squared norms when ZeRO shards the gradient, rescaling).
+of the per-layer squared norms when ZeRO shards the gradient, rescaling), with the number
+of all-reduces it made per step (1 when the gradient is sharded, 0 when it is not).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def measure(recipe: str, workers: int, zero: int, micro: int, image: int, steps:
     return {"workers": workers, "zero": zero, "micro_batch": micro, "global_batch": micro * workers,
             "step_ms": 1e3 * step_s, "img_per_s": micro * workers / step_s,
             "alr_ms": alr_ms, "alr_share": alr_ms / (1e3 * step_s),
-            "alr_reduced_bytes": train[-1]["alr"]["reduced_bytes"]}
+            "alr_reduced_bytes": train[-1]["alr"]["reduced_bytes"],
+            "alr_all_reduces": train[-1]["alr"]["all_reduces"]}
 
 
 def run(args) -> int:
@@ -73,11 +75,12 @@ def run(args) -> int:
         r["speedup"] = r["img_per_s"] / base[r["zero"]]["img_per_s"]
         r["efficiency"] = r["speedup"] / (r["workers"] / min(args.workers))
     print(f"{'workers':>7} {'zero':>4} {'batch':>5} {'step ms':>8} {'img/s':>7} {'speedup':>7} "
-          f"{'eff.':>5} {'ALR ms':>7} {'ALR %':>6} {'ALR bytes':>9}")
+          f"{'eff.':>5} {'ALR ms':>7} {'ALR %':>6} {'ALR bytes':>9} {'ALR calls':>9}")
     for r in rows:
         print(f"{r['workers']:>7} {r['zero']:>4} {r['global_batch']:>5} {r['step_ms']:>8.1f} "
               f"{r['img_per_s']:>7.1f} {r['speedup']:>7.2f} {r['efficiency']:>5.2f} "
-              f"{r['alr_ms']:>7.2f} {100 * r['alr_share']:>5.2f}% {r['alr_reduced_bytes']:>9}")
+              f"{r['alr_ms']:>7.2f} {100 * r['alr_share']:>5.2f}% {r['alr_reduced_bytes']:>9} "
+              f"{r['alr_all_reduces']:>9g}")
     Path(args.json).write_text(json.dumps({"rows": rows, "cpus": os.cpu_count()}, indent=2))
     print(f"results written to {args.json}")
     return 0
