@@ -1,5 +1,6 @@
 """The package builds as a wheel that installs and imports from outside the repository."""
 
+import json
 import subprocess
 import sys
 import sysconfig
@@ -7,16 +8,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODULES = [
-    "addertrain", "addertrain.cli", "addertrain.config", "addertrain.alr", "addertrain.trainer",
-    "addertrain.worker", "addertrain.smoke", "addertrain.engine", "addertrain.distributed",
-    "addertrain.metrics", "addertrain.schedule", "addertrain.models", "addertrain.nn",
-    "addertrain.ops.reference", "addertrain.ops.unfold", "addertrain.data",
-    "addertrain.data.synthetic", "addertrain.data.dali", "addertrain.data.check",
-    "addertrain.data.digits", "addertrain.data.fake", "addertrain.bench.op",
-    "addertrain.bench.kernels", "addertrain.bench.data", "addertrain.kernels",
-    "addertrain.launch.command", "addertrain.launch.local", "addertrain.launch.ray_executor",
-]
+# Where the package's modules live in the checkout (pyproject's package-dir).
+PACKAGE_DIRS = {"addertrain": "addertrain", "kernels": "addertrain.kernels",
+                "launch": "addertrain.launch"}
+
+
+def source_modules(files: list[str]) -> set[str]:
+    """Every module the tracked files define, by its installed name."""
+    names = set()
+    for name in files:
+        path = Path(name)
+        if path.suffix != ".py" or path.parts[0] not in PACKAGE_DIRS:
+            continue
+        parts = [PACKAGE_DIRS[path.parts[0]], *path.with_suffix("").parts[1:]]
+        if parts[-1] == "__init__":
+            parts.pop()
+        names.add(".".join(parts))
+    return names
 
 
 def run(*cmd, cwd=None):
@@ -47,10 +55,13 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_everything(tmp_path):
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    code = ("import importlib, addertrain\n"
-            f"for m in {MODULES!r}: importlib.import_module(m)\n"
-            "print(addertrain.__file__)")
-    where = run(str(py), "-c", code, cwd=outside).stdout.strip()
+    code = ("import importlib, json, pkgutil, addertrain\n"
+            "names = [m.name for m in pkgutil.walk_packages(addertrain.__path__, 'addertrain.')]\n"
+            "for m in names: importlib.import_module(m)\n"
+            "print(json.dumps([addertrain.__file__, sorted(names)]))")
+    where, installed = json.loads(run(str(py), "-c", code, cwd=outside).stdout)
     assert where.startswith(site), where  # the installed copy, not the checkout
+    # every module of the checkout is in the wheel and imports there
+    assert set(installed) | {"addertrain"} == source_modules(files)
     helptext = run(str(venv / "bin" / "addertrain"), "--help", cwd=outside).stdout
     assert "launch" in helptext and "bench" in helptext
