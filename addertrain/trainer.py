@@ -48,8 +48,10 @@ class Trainer:
         micro, self.accum = ds_engine.batch_split(cfg, world.world_size)
         seed_everything(cfg.run.seed, cfg.run.deterministic)
 
-        self.train_data = build_loader(cfg, "train", micro, world.rank, world.world_size, world.device)
-        self.val_data = build_loader(cfg, "val", micro, world.rank, world.world_size, world.device)
+        self.train_data = build_loader(cfg, "train", micro, world.rank, world.world_size,
+                                       world.device, index_dir=self.run_dir)
+        self.val_data = build_loader(cfg, "val", micro, world.rank, world.world_size,
+                                     world.device, index_dir=self.run_dir)
         self.steps_per_epoch = self.train_data.steps_per_epoch // self.accum
         if self.steps_per_epoch == 0:
             raise UserError("an epoch of the training data is shorter than one global batch; "

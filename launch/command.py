@@ -82,6 +82,11 @@ def prepare_data(cfg: config.Config, training: bool = True) -> list[str] | None:
                         f"{len(classes)} or point data.root at the intended dataset")
     if training:
         check_epoch_fits(cfg, found["images"][d.train_split], full_batches_only=False)
+        from addertrain.data.folder import write_index
+
+        start = time.perf_counter()
+        write_index(cfg.data.root, (d.train_split, d.val_split), cfg.run_dir())
+        LOG.info(f"dataset indexed for the workers in {time.perf_counter() - start:.1f} s")
     return classes
 
 

@@ -210,3 +210,25 @@ def test_an_image_the_decoder_fails_on_is_named(tmp_path):
                                         rf"\(.*\); replace it .*addertrain data check {root}"):
         for _ in loader:
             pass
+
+
+def test_workers_read_the_index_the_launch_wrote(tmp_path):
+    """The launch lists the dataset once; a worker (or a restarted one) reads that listing and
+    does not walk the dataset again, so an image added later is not part of the run."""
+    from addertrain.data.folder import INDEX, read_index, write_index
+
+    root = write_fake(tmp_path / "data", classes=2, per_class=5, val_per_class=2, sizes=(20, 24))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_index(str(root), ("train", "val"), run_dir)
+    assert (run_dir / INDEX).is_file()
+    Image.new("RGB", (20, 20)).save(root / "train" / sorted(p.name for p in (root / "train").iterdir())[0]
+                                    / "added.JPEG")
+    d = cfg(root)
+    indexed = build_folder_loader(d, "train", 2, 0, 1, CPU, seed=0, training=True, index_dir=run_dir)
+    listed = build_folder_loader(d, "train", 2, 0, 1, CPU, seed=0, training=True)
+    assert len(indexed.index.files) == 10 and len(listed.index.files) == 11
+    assert indexed.index.classes == listed.index.classes
+    assert len(read_index(str(root), "val", run_dir).files) == 4
+    # another dataset root: the index is not this dataset's
+    assert read_index(str(tmp_path / "elsewhere"), "train", run_dir) is None

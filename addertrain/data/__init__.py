@@ -13,14 +13,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from addertrain.config import Config
 
 
 def build_loader(cfg: "Config", split: str, batch: int, rank: int, world: int,
-                 device: "torch.device"):
-    """The loader of ``split`` ("train" or "val") for worker ``rank`` of ``world``."""
+                 device: "torch.device", index_dir: "Path | None" = None):
+    """The loader of ``split`` ("train" or "val") for worker ``rank`` of ``world``; a folder
+    dataset comes from the index the launch wrote into ``index_dir``, when given."""
     training = split == "train"
     d = cfg.data
     if d.source == "synthetic":
@@ -31,5 +34,6 @@ def build_loader(cfg: "Config", split: str, batch: int, rank: int, world: int,
                                rank, world, device, cfg.run.seed, split, training)
     from addertrain.data.dali import build_folder_loader
 
-    return build_folder_loader(d, split, batch, rank, world, device, cfg.run.seed, training)
+    return build_folder_loader(d, split, batch, rank, world, device, cfg.run.seed, training,
+                               index_dir)
 

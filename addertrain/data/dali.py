@@ -11,13 +11,14 @@ DALI pipeline checkpoints (reader position and random generator states).
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from addertrain.config import DataConfig
 from addertrain.data import sharding
-from addertrain.data.folder import SplitIndex, class_names, index_split
+from addertrain.data.folder import SplitIndex, class_names, index_split, read_index
 from addertrain.errors import UserError
 
 
@@ -174,11 +175,15 @@ class FolderLoader:
 
 
 def build_folder_loader(d: DataConfig, split: str, batch: int, shard_id: int, num_shards: int,
-                        device: torch.device, seed: int, training: bool) -> FolderLoader:
-    """The loader of ``split`` ("train" or "val") for worker ``shard_id`` of ``num_shards``.
+                        device: torch.device, seed: int, training: bool,
+                        index_dir: Path | None = None) -> FolderLoader:
+    """The loader of ``split`` ("train" or "val") for worker ``shard_id`` of ``num_shards``,
+    from the index the launch wrote into ``index_dir`` if it has one, else from a listing.
 
     ``seed`` is the run seed and must be the same on every worker: it fixes the epoch order
     that the shards partition."""
-    classes = class_names(d.root, d.train_split)
-    index = index_split(d.root, d.train_split if split == "train" else d.val_split, classes)
+    name = d.train_split if split == "train" else d.val_split
+    index = read_index(d.root, name, index_dir) if index_dir else None
+    if index is None:
+        index = index_split(d.root, name, class_names(d.root, d.train_split))
     return FolderLoader(index, d, training, batch, shard_id, num_shards, device, seed)

@@ -7,7 +7,9 @@ the training split, so every split, worker and restart agrees on them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import gzip
 import hashlib
 import json
 import os
@@ -192,6 +194,37 @@ def index_split(root: str | Path, split: str, classes: list[str]) -> SplitIndex:
     if not files:
         raise UserError(f"{path} holds no images (*.JPEG, *.jpg, *.png) in its class folders")
     return SplitIndex(files, labels, classes)
+
+
+INDEX = "dataset-index.json.gz"
+
+
+def write_index(root: str | Path, splits: tuple[str, str], run_dir: str | Path) -> Path:
+    """List the dataset once, on the launch driver, into ``run_dir``: every worker of the run,
+    and of every restart, reads this instead of walking the (possibly shared, million-file)
+    dataset itself. ``splits`` is (training split, validation split)."""
+    classes = class_names(root, splits[0])
+    data = {"root": str(root), "classes": classes,
+            "splits": {s: dataclasses.asdict(index_split(root, s, classes)) for s in splits}}
+    path = Path(run_dir) / INDEX
+    tmp = path.with_name(path.name + ".tmp")
+    with gzip.open(tmp, "wt", compresslevel=1) as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+    return path
+
+
+def read_index(root: str | Path, split: str, run_dir: str | Path) -> SplitIndex | None:
+    """The split as the launch listed it, or None when ``run_dir`` has no index of this
+    dataset (a run started before indexes, or another data.root)."""
+    path = Path(run_dir) / INDEX
+    if not path.is_file():
+        return None
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    if data["root"] != str(root) or split not in data["splits"]:
+        return None
+    return SplitIndex(**data["splits"][split])
 
 
 def save_class_map(classes: list[str], run_dir: str | Path) -> Path:
