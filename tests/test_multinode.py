@@ -8,14 +8,18 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from addertrain import preempt
 
 from netns import Hosts, NetnsUnavailable
 from slurm_cluster import ClusterError, SlurmCluster, install
@@ -183,20 +187,39 @@ def slurm_2(hosts):
     assert not left, f"Slurm daemons still running after teardown: {left}"
 
 
-def running_train_workers(hosts) -> dict[str, int]:
+def running_train_workers(hosts) -> dict[str, list[int]]:
     """Ray Train worker processes alive now, per host (by the network namespace they run in)."""
     import psutil
 
-    count = {}
+    found = {}
     for h in hosts:
-        procs = []
+        found[h.name] = []
         for pid in h.pids():
             try:
-                procs.append(" ".join(psutil.Process(pid).cmdline()))
+                if "RayTrainWorker" in " ".join(psutil.Process(pid).cmdline()):
+                    found[h.name].append(pid)
             except psutil.Error:
                 pass
-        count[h.name] = sum("RayTrainWorker" in c for c in procs)
-    return count
+    return found
+
+
+def preempt_while_paused(cluster, job: str, workers: list[int], run_dir: Path) -> None:
+    """Send the job Slurm's preemption warning with its training workers stopped until the
+    stop request is in the run directory: a short run cannot finish before it sees it."""
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        cluster.run("scancel", "--batch", "--signal=USR1", job)
+        deadline = time.monotonic() + 60
+        while not preempt.requested(run_dir):
+            assert time.monotonic() < deadline, "the stop request never reached the run directory"
+            time.sleep(0.1)
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.slow
@@ -208,7 +231,7 @@ def test_slurm_job_on_two_nodes_is_preempted_and_resumes_to_the_same_weights(
     metrics = run_dir / "metrics.jsonl"
     wait_job(slurm_2, job, until=lambda j: metrics.is_file() and metrics.read_text().strip())
     workers = running_train_workers(hosts)
-    slurm_2.run("scancel", "--batch", "--signal=USR1", job)
+    preempt_while_paused(slurm_2, job, [p for pids in workers.values() for p in pids], run_dir)
     wait_job(slurm_2, job, until=lambda j: j.get("Restarts") == "1")
     # wait_job releases the requeued job at once (Slurm would hold it for two minutes): first
     # let the last run's processes on both nodes end, or the restart can meet them
@@ -218,7 +241,7 @@ def test_slurm_job_on_two_nodes_is_preempted_and_resumes_to_the_same_weights(
     assert end["JobState"] == "COMPLETED" and end["ExitCode"] == "0:0", f"{end}\n{log}\n{slurm_2.logs()}"
     # Ray's head on the first node, a Ray worker node on the second, a training worker on each
     assert re.search(rf"on n0 n1; Ray head {re.escape(hosts[0].ip)}:\d+", log), log
-    assert workers == {"n0": 1, "n1": 1}
+    assert {host: len(pids) for host, pids in workers.items()} == {"n0": 1, "n1": 1}
     assert "requeueing (requeue 1 of at most" in log and "(restart 1)" in log, log
     assert "run finished" in log
     assert_nothing_left(job)
