@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from addertrain.console import LOG
+from addertrain.errors import UserError
 
 
 def _hms(seconds: float) -> str:
@@ -32,6 +33,30 @@ def scalars(values: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, also while its run is writing it: a last line without
+    its newline is a record being written and is left out; any other line that is not a
+    record is damage, named by its line number."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    records = []
+    for number, line in enumerate(text.split("\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {number} is not a JSON record ({e.msg}); the file is "
+                            "damaged: delete that line and run again") from None
+        if not isinstance(record, dict) or "kind" not in record or "step" not in record:
+            raise UserError(f"{path} line {number} is not a metrics record (no kind and step); "
+                            "delete that line and run again")
+        records.append(record)
+    return records
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``run_dir/metrics.jsonl`` and, with
     ``tensorboard``, the same numbers to TensorBoard event files in ``run_dir/tensorboard``
@@ -47,8 +72,14 @@ class MetricsLog:
     def write(self, kind: str, **values) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"kind": kind, "time": time.time(), **values}) + "\n")
+        line = (json.dumps({"kind": kind, "time": time.time(), **values}) + "\n").encode()
+        # one write() per record: a buffered file splits records longer than its buffer into
+        # several, and a kill between them leaves half a record for the resumed run to append to
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
         if self.tensorboard:
             writer = self._tensorboard()
             for name, value in scalars({k: v for k, v in values.items() if k != "step"}).items():
@@ -80,7 +111,7 @@ class MetricsLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return read_records(self.path)
 
 
 class Progress:

@@ -1,8 +1,7 @@
 """``addertrain report``: one PNG and one table for one or more runs, read from their run
 directories (``metrics.jsonl``, ``config.yaml``, ``result.json`` when the run has ended).
 
-Works while a run is going: a last line without its newline is a record being written and is
-left out; any other line that is not a JSON record is damage, reported with its line number.
+Works while a run is going (``metrics.read_records`` leaves out a record being written).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from addertrain.errors import UserError
+from addertrain.metrics import read_records
 
 HELP = ("draw runs side by side in one PNG (loss, top-1, lr, img/s, ALR scale per adder layer) "
         "and print their final metrics and op counts as a table")
@@ -43,30 +43,6 @@ class Run:
 
 
 # -- reading ---------------------------------------------------------------------------------
-
-def read_records(path: Path) -> list[dict]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    lines = text.split("\n")
-    # a run writes each record and its newline together: a tail without one is being written
-    complete = lines[:-1]
-    records = []
-    for number, line in enumerate(complete, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {number} is not a JSON record ({e.msg}); the file is "
-                            "damaged: delete that line and run report again") from None
-        if not isinstance(record, dict) or "kind" not in record or "step" not in record:
-            raise UserError(f"{path} line {number} is not a metrics record (no kind and step); "
-                            "delete that line and run report again")
-        records.append(record)
-    return records
-
 
 def read_json(path: Path) -> dict | None:
     if not path.exists():

@@ -19,6 +19,7 @@ from addertrain import config
 from addertrain.alr import AdderSGD, param_groups
 from addertrain.errors import UserError
 from addertrain.launch import ray_executor
+from addertrain.metrics import read_records
 from addertrain.models import adder_layers, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +37,7 @@ def train(run_dir, name, workers, micro, zero=0, extra=()):
     cfg.run_dir().mkdir(parents=True)
     ray_executor.run(cfg, None)
     run = cfg.run_dir()
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-              if '"train"' in line]
+    losses = [r["loss"] for r in read_records(run / "metrics.jsonl") if r["kind"] == "train"]
     weights = {k: v for k, v in load_file(run / "final" / "model.safetensors").items()
                if v.is_floating_point() and "running" not in k}
     return losses, weights

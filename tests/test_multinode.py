@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from addertrain import preempt
+from addertrain.metrics import read_records
 
 from netns import Hosts, NetnsUnavailable
 from slurm_cluster import ClusterError, SlurmCluster, install
@@ -141,7 +142,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    records = read_records(run_dir / "metrics.jsonl")
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
 

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import yaml
 
 from addertrain import opcount, report
 from addertrain.cli import main
+from addertrain.metrics import MetricsLog, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -164,3 +166,34 @@ def test_report_reads_a_real_run(tmp_path):
     series = report.alr_series(report.load(str(run_dir)))
     assert len(series) == 20
     assert all(steps == list(range(1, result["steps"] + 1)) for steps, _ in series.values())
+
+
+def test_a_reader_polling_a_live_log_sees_only_whole_records(tmp_path):
+    """Records longer than a file buffer (the per-layer ALR numbers of a ResNet-50) are read
+    while they are being appended, as launch's tests and `report` do during a run."""
+    log = MetricsLog(tmp_path, enabled=True)
+    layers = {f"layer{i}": {"scale": 0.123456789, "grad_norm": 1.23456789} for i in range(400)}
+    count = 60
+    writer = threading.Thread(target=lambda: [log.write("train", step=s, alr_layers=layers)
+                                              for s in range(count)])
+    writer.start()
+    seen = []
+    while writer.is_alive():
+        if log.path.exists():
+            seen.append(len(read_records(log.path)))
+    writer.join()
+    assert len(json.dumps(layers)) > 8192
+    assert seen == sorted(seen) and [r["step"] for r in log.read()] == list(range(count))
+
+
+def test_a_torn_last_record_is_dropped_on_resume(tmp_path):
+    """kill -9 while a record is half written: the resumed run drops it with the steps it redoes."""
+    log = MetricsLog(tmp_path, enabled=True)
+    for step in range(4):
+        log.write("train", step=step, loss=1.0)
+    with log.path.open("a") as f:
+        f.write('{"kind": "train", "step": 4, "lo')
+    log.forget_after(2)
+    log.write("train", step=3, loss=0.5)
+    assert [(r["step"], r["loss"]) for r in read_records(log.path)] == [(0, 1.0), (1, 1.0),
+                                                                        (2, 1.0), (3, 0.5)]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from addertrain import checkpoint
 from addertrain.errors import UserError
+from addertrain.metrics import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/synthetic_tiny.yaml"
@@ -45,11 +46,11 @@ def train_steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+    return [r["step"] for r in read_records(path) if r["kind"] == "train"]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    records = read_records(run_dir / "metrics.jsonl")
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
 
@@ -69,7 +70,7 @@ def assert_same_weights(run_dir: Path, ref_dir: Path):
 
 
 def evaluations(run_dir: Path) -> dict[int, tuple[float, float]]:
-    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    records = read_records(run_dir / "metrics.jsonl")
     return {r["step"]: (r["top1"], r["loss"]) for r in records if r["kind"] == "eval"}
 
 
@@ -106,8 +107,8 @@ def test_checkpoints_are_kept_by_recency_and_validation(reference):
     assert (folder / "latest").read_text() == "step00000016"
     assert set(metas) >= {"step00000015", "step00000016"} and len(metas) <= 3
     best = max((m for m in metas.values() if m["top1"] is not None), key=lambda m: m["top1"])
-    evals = {r["step"]: r["top1"] for r in map(json.loads, (reference / "metrics.jsonl").read_text()
-                                                 .splitlines()) if r["kind"] == "eval"}
+    evals = {r["step"]: r["top1"] for r in read_records(reference / "metrics.jsonl")
+             if r["kind"] == "eval"}
     assert best["top1"] == max(evals.values())
     assert not list(folder.glob("tmp-*"))
     result = json.loads((reference / "result.json").read_text())

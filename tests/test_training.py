@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from addertrain import config, smoke
+from addertrain.metrics import read_records
 from addertrain.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def tiny_run(tmp_path_factory):
 
 def test_loss_falls_and_evaluation_learns(tiny_run):
     run_dir, _ = tiny_run
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(run_dir / "metrics.jsonl")
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 16
     assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4
@@ -60,7 +61,7 @@ def test_loss_falls_and_evaluation_learns(tiny_run):
 
 def test_logged_learning_rate_is_the_one_each_step_used(tiny_run):
     run_dir, _ = tiny_run
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(run_dir / "metrics.jsonl")
     lrs = [r["lr"] for r in records if r["kind"] == "train"]
     # cosine from 0.1 over 16 steps, no warmup: step s (1-based) runs at 0.1 * cos-factor(s - 1)
     expected = [0.05 * (1 + math.cos(math.pi * s / 16)) for s in range(16)]
@@ -122,8 +123,7 @@ def test_fp16_skipped_steps_keep_step_schedule_and_images_in_agreement(tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "synthetic-tiny"
     result = json.loads((run_dir / "result.json").read_text())
-    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if '"train"' in line]
+    train = [r for r in read_records(run_dir / "metrics.jsonl") if r["kind"] == "train"]
     assert result["skipped_steps"] >= 1 and result["steps"] == 6
     assert result["images_seen"] == 6 * 32 == train[-1]["images_seen"]
     assert [r["lr"] for r in train] == pytest.approx(
@@ -144,7 +144,7 @@ def test_tensorboard_holds_the_logged_numbers(tiny_run):
             pos += 16 + length
             for v in event.summary.value:
                 values.setdefault(v.tag, {})[event.step] = v.simple_value
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(run_dir / "metrics.jsonl")
     train = {r["step"]: r for r in records if r["kind"] == "train"}
     assert sorted(values["train/loss"]) == sorted(train)
     for step, r in train.items():

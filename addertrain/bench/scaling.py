@@ -32,6 +32,7 @@ def measure(recipe: str, workers: int, zero: int, micro: int, image: int, steps:
             root: Path) -> dict:
     from addertrain import config
     from addertrain.launch import ray_executor
+    from addertrain.metrics import read_records
 
     name = f"w{workers}-z{zero}"
     cfg = config.load(recipe, [
@@ -43,7 +44,7 @@ def measure(recipe: str, workers: int, zero: int, micro: int, image: int, steps:
         "logging.progress=false", "logging.plots=false"])
     cfg.run_dir().mkdir(parents=True)
     ray_executor.run(cfg, None)
-    records = [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(cfg.run_dir() / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"][WARMUP:]
     step_s = statistics.median(b["time"] - a["time"] for a, b in zip(train, train[1:]))
     alr_ms = statistics.median(r["alr"]["ms"] for r in train)
