@@ -6,6 +6,11 @@ gradients after DeepSpeed has all-reduced, accumulated and unscaled them, so the
 not depend on the number of workers. When DeepSpeed hands each rank only a shard of a
 layer's flat gradient (ZeRO 1/2, its bf16 optimizer), the per-layer squared norms are summed
 across ranks as one small vector.
+
+The paper's learning-rate ablations replace the ALR (``mode``, the recipe's ``adder.lr``):
+``fixed`` leaves the adder gradients as they are (the global schedule alone), ``increased``
+multiplies every adder layer's gradient by one constant, ``increase``: a larger learning
+rate for the adder filters, the same for all layers, where the ALR adapts it per layer.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from addertrain.config import LR_MODES
 from addertrain.models import adder_layers
 
 
@@ -24,20 +30,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     one group for everything else. ``numel`` is each group's full size, so a rank can tell
     when DeepSpeed handed it only a slice."""
     adder = {id(m.weight): name for name, m in adder_layers(model)}
-    groups = [{"params": [p], "weight_decay": weight_decay, "alr_numel": p.numel(),
-               "numel": p.numel(), "name": adder[id(p)]}
-              for p in model.parameters() if id(p) in adder]
+    groups = [
+        {
+            "params": [p],
+            "weight_decay": weight_decay,
+            "alr_numel": p.numel(),
+            "numel": p.numel(),
+            "name": adder[id(p)],
+        }
+        for p in model.parameters()
+        if id(p) in adder
+    ]
     rest = [p for p in model.parameters() if id(p) not in adder]
-    groups.append({"params": rest, "weight_decay": weight_decay, "alr_numel": 0,
-                   "numel": sum(p.numel() for p in rest), "name": "rest"})
+    groups.append(
+        {
+            "params": rest,
+            "weight_decay": weight_decay,
+            "alr_numel": 0,
+            "numel": sum(p.numel() for p in rest),
+            "name": "rest",
+        }
+    )
     return groups
 
 
 def scales(sq_norms: torch.Tensor, numels: torch.Tensor, eta: float) -> torch.Tensor:
     """``eta * sqrt(k) / ||g||``; a layer whose gradient is exactly zero keeps scale 1."""
     norms = sq_norms.sqrt()
-    return torch.where(norms > 0, eta * numels.sqrt() / norms.clamp_min(1e-30),
-                       torch.ones_like(norms))
+    return torch.where(
+        norms > 0, eta * numels.sqrt() / norms.clamp_min(1e-30), torch.ones_like(norms)
+    )
 
 
 def clip_factor(sq_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -61,9 +83,15 @@ class AdderSGD(torch.optim.SGD):
     call applies its own; without it each call would all-reduce its group's norm alone.
     """
 
-    def __init__(self, groups, lr, momentum=0.0, nesterov=False, eta=0.2, alr=True, clip=None):
+    def __init__(
+        self, groups, lr, momentum=0.0, nesterov=False, eta=0.2, mode="alr", increase=1.0, clip=None
+    ):
+        if mode not in LR_MODES:
+            raise ValueError(
+                f"adder learning-rate mode {mode!r} is not one of {', '.join(LR_MODES)}"
+            )
         super().__init__(groups, lr=lr, momentum=momentum, nesterov=nesterov)
-        self.eta, self.alr, self.clip = eta, alr, clip
+        self.eta, self.mode, self.increase, self.clip = eta, mode, increase, clip
         # the latest ALR scale of each layer and clip factor, kept on the device: reading
         # them every step would synchronise the GPU
         self._scales: dict[str, torch.Tensor] = {}
@@ -118,18 +146,20 @@ class AdderSGD(torch.optim.SGD):
         key = (tuple(counts), device)
         if key not in self._owner_cache:
             self._owner_cache[key] = torch.repeat_interleave(
-                torch.arange(len(counts)), torch.tensor(counts)).to(device)
+                torch.arange(len(counts)), torch.tensor(counts)
+            ).to(device)
         return self._owner_cache[key]
 
     def _rescaled_groups(self) -> list[dict]:
-        """The adder groups (ALR on) then the others (clip on)."""
-        return ([g for g in self.param_groups if self.alr and g["alr_numel"]]
-                + [g for g in self.param_groups if self.clip and not g["alr_numel"]])
+        """The adder groups (unless ``fixed``) then the others (clip on)."""
+        return [g for g in self.param_groups if self.mode != "fixed" and g["alr_numel"]] + [
+            g for g in self.param_groups if self.clip and not g["alr_numel"]
+        ]
 
     def _factors(self, groups, grads, sharded: bool) -> list[torch.Tensor]:
-        """One factor per group: the ALR scale of each adder group, the common clip factor
-        of the others; the squared norms summed across ranks in one all-reduce if
-        ``sharded``."""
+        """One factor per group: the ALR scale (or the ``increased`` constant) of each adder
+        group, the common clip factor of the others; the squared norms summed across ranks in
+        one all-reduce if ``sharded``."""
         device = next(p for g in groups for p in g["params"]).device
         flat = [t for gs in grads for t in gs]
         sq = torch.zeros(len(grads), device=device)
@@ -142,12 +172,15 @@ class AdderSGD(torch.optim.SGD):
             self._cost[1] += sq.numel() * sq.element_size()
             self._cost[2] += 1
         alr = [g for g in groups if g["alr_numel"]]
-        numels = torch.tensor([g["alr_numel"] for g in alr], dtype=sq.dtype, device=sq.device)
-        factors = list(scales(sq[:len(alr)], numels, self.eta))
+        if self.mode == "increased":
+            factors = [torch.full((), self.increase, device=sq.device)] * len(alr)
+        else:
+            numels = torch.tensor([g["alr_numel"] for g in alr], dtype=sq.dtype, device=sq.device)
+            factors = list(scales(sq[: len(alr)], numels, self.eta))
         if len(groups) > len(alr):
-            self._clip = clip_factor(sq[len(alr):].sum(), self.clip)
+            self._clip = clip_factor(sq[len(alr) :].sum(), self.clip)
             factors += [self._clip] * (len(groups) - len(alr))
-        for g, a in zip(alr, factors):
+        for g, a in zip(alr if self.mode == "alr" else [], factors):
             if not self._scales or g["name"] == next(iter(self._scales)):
                 self._cost[3] += 1  # the first adder layer marks a new optimizer step
             self._scales[g["name"]] = a
@@ -168,8 +201,14 @@ class AdderSGD(torch.optim.SGD):
         seconds, nbytes, calls, steps = self._cost
         self._cost = [0.0, 0, 0, 0]
         steps = max(steps, 1)
-        return {"min": min(s), "max": max(s), "ms": 1e3 * seconds / steps,
-                "reduced_bytes": nbytes // steps, "all_reduces": calls / steps, **out}
+        return {
+            "min": min(s),
+            "max": max(s),
+            "ms": 1e3 * seconds / steps,
+            "reduced_bytes": nbytes // steps,
+            "all_reduces": calls / steps,
+            **out,
+        }
 
     def step(self, closure=None):
         self.rescale_gradients()
@@ -190,9 +229,13 @@ def once_per_step(zero_optimizer, optimizer: AdderSGD) -> None:
 
     def step(*args, **kwargs):
         pieces = zero_optimizer.averaged_gradients
-        optimizer.factors_ahead([[t for t in pieces[i] if not getattr(t, "_zero_padding", False)]
-                                 for i in range(len(optimizer.param_groups))],
-                                dist.get_world_size(zero_optimizer.dp_process_group) > 1)
+        optimizer.factors_ahead(
+            [
+                [t for t in pieces[i] if not getattr(t, "_zero_padding", False)]
+                for i in range(len(optimizer.param_groups))
+            ],
+            dist.get_world_size(zero_optimizer.dp_process_group) > 1,
+        )
         try:
             return zero_step(*args, **kwargs)
         finally:

@@ -1,4 +1,5 @@
-"""Checkpoints of a run: DeepSpeed's engine state plus the trainer's state parts, published atomically.
+"""Checkpoints of a run: DeepSpeed's engine state plus the trainer's state parts, published
+atomically.
 
 ``run_dir/checkpoints`` holds::
 
@@ -16,6 +17,10 @@ Our own state is JSON, so resuming unpickles nothing of ours. DeepSpeed picks th
 that loads a checkpoint first runs :func:`verify` on it (every file listed in meta.json with its
 size, nothing else in the folder, every ``.pt`` readable with ``weights_only=True``), and the
 workers force ``weights_only=True`` on every ``torch.load`` besides (:mod:`addertrain.worker`).
+
+This module is the one bookkeeper of the checkpoints (retention, ``latest``, resume): none is
+reported to Ray Train, whose own manager would keep a second list of them in the run
+directory (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -44,13 +49,25 @@ TAG = re.compile(r"step\d{8,}")  # what tag_for writes
 FORMAT = 1
 # Recipe keys (and sections) a resume must keep: they fix the model, the data order, the
 # optimizer and schedule, and the meaning of a step. --allow-change lifts them one by one.
-PROTECTED = ("run.seed", "model", "data", "optim", "schedule", "adder", "train.global_batch",
-             "train.micro_batch", "train.precision", "train.max_steps", "distributed.zero_stage")
+PROTECTED = (
+    "run.seed",
+    "model",
+    "data",
+    "optim",
+    "schedule",
+    "adder",
+    "train.global_batch",
+    "train.micro_batch",
+    "train.precision",
+    "train.max_steps",
+    "distributed.zero_stage",
+)
 # Test hook: rank 0 dies (SIGKILL) after writing the checkpoint of this step, before publishing it.
 CRASH_BEFORE_PUBLISH = "ADDERTRAIN_CRASH_BEFORE_PUBLISH"
 
 
 # -- recipe comparison --------------------------------------------------------------------------
+
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
@@ -76,13 +93,19 @@ def changed_keys(saved: dict, current: dict, allow=()) -> list[str]:
     s, c = flatten(saved), flatten(current)
     unknown = [a for a in allow if not any(_under(k, [a]) for k in c)]
     if unknown:
-        raise UserError(f"--allow-change {', '.join(unknown)}: no such recipe key; name a key such "
-                        "as schedule.epochs or a section such as optim")
-    return sorted(k for k in s.keys() | c.keys()
-                  if _under(k, PROTECTED) and not _under(k, allow) and s.get(k) != c.get(k))
+        raise UserError(
+            f"--allow-change {', '.join(unknown)}: no such recipe key; name a key such "
+            "as schedule.epochs or a section such as optim"
+        )
+    return sorted(
+        k
+        for k in s.keys() | c.keys()
+        if _under(k, PROTECTED) and not _under(k, allow) and s.get(k) != c.get(k)
+    )
 
 
 # -- finding and checking a checkpoint ----------------------------------------------------------
+
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
@@ -96,9 +119,11 @@ def _latest_in(folder: Path) -> Path:
     tag = (folder / LATEST).read_text().strip()
     path = folder / tag
     if not tag or not (path / META).is_file():
-        raise UserError(f"{folder / LATEST} names checkpoint {tag!r}, which is missing or incomplete; "
-                        f"write the tag of a complete checkpoint in {folder} into it, or pass "
-                        "--resume PATH")
+        raise UserError(
+            f"{folder / LATEST} names checkpoint {tag!r}, which is missing or incomplete; "
+            f"write the tag of a complete checkpoint in {folder} into it, or pass "
+            "--resume PATH"
+        )
     return path
 
 
@@ -112,18 +137,24 @@ def find(spec: str | Path) -> Path:
     """A checkpoint given as its own directory, a checkpoints folder or a run directory."""
     path = Path(spec).expanduser().resolve()
     if not path.exists():
-        raise UserError(f"checkpoint {spec} does not exist; pass a checkpoint directory "
-                        "(RUN_DIR/checkpoints/stepNNNNNNNN) or a run directory")
+        raise UserError(
+            f"checkpoint {spec} does not exist; pass a checkpoint directory "
+            "(RUN_DIR/checkpoints/stepNNNNNNNN) or a run directory"
+        )
     for folder in (path, path / CHECKPOINTS):
         if (folder / LATEST).is_file():
             return _latest_in(folder)
     if (path / META).is_file():
         return path
     if path.name.startswith(TMP):
-        raise UserError(f"{spec} is a checkpoint that was never finished (a crash while saving); "
-                        f"resume from a complete one in {path.parent}")
-    raise UserError(f"{spec} is not an addertrain checkpoint (it has no {META} or {LATEST}); pass a "
-                    "checkpoint directory (RUN_DIR/checkpoints/stepNNNNNNNN) or a run directory")
+        raise UserError(
+            f"{spec} is a checkpoint that was never finished (a crash while saving); "
+            f"resume from a complete one in {path.parent}"
+        )
+    raise UserError(
+        f"{spec} is not an addertrain checkpoint (it has no {META} or {LATEST}); pass a "
+        "checkpoint directory (RUN_DIR/checkpoints/stepNNNNNNNN) or a run directory"
+    )
 
 
 def resolve(spec: str, run_dir: Path) -> Path | None:
@@ -134,22 +165,29 @@ def resolve(spec: str, run_dir: Path) -> Path | None:
         return own
     if spec == "none":
         if own:
-            raise UserError(f"--resume none, but {run_dir} already holds checkpoints (latest "
-                            f"{own.name}); continue it with --resume auto, or start afresh under a "
-                            "new run.name")
+            raise UserError(
+                f"--resume none, but {run_dir} already holds checkpoints (latest "
+                f"{own.name}); continue it with --resume auto, or start afresh under a "
+                "new run.name"
+            )
         return None
     path = find(spec)
     if own and path != own:
-        raise UserError(f"{run_dir} already holds checkpoints of its own (latest {own.name}); continue "
-                        f"it with --resume auto, or start from {spec} under a new run.name")
+        raise UserError(
+            f"{run_dir} already holds checkpoints of its own (latest {own.name}); continue "
+            f"it with --resume auto, or start from {spec} under a new run.name"
+        )
     return path
 
 
 def _entries(path: Path) -> dict[str, Path]:
     """Everything under a checkpoint directory but plain directories (files, links, sockets),
     by name relative to it."""
-    return {p.relative_to(path).as_posix(): p for p in path.rglob("*")
-            if p.is_symlink() or not p.is_dir()}
+    return {
+        p.relative_to(path).as_posix(): p
+        for p in path.rglob("*")
+        if p.is_symlink() or not p.is_dir()
+    }
 
 
 def read_meta(path: Path) -> dict:
@@ -159,30 +197,44 @@ def read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / META).read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path / META} cannot be read ({e}); the checkpoint is damaged, resume from "
-                        f"another one in {path.parent}") from None
+        raise UserError(
+            f"{path / META} cannot be read ({e}); the checkpoint is damaged, resume from "
+            f"another one in {path.parent}"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this addertrain version (format "
-                        f"{meta.get('format') if isinstance(meta, dict) else None}, expected {FORMAT})")
+        raise UserError(
+            f"{path} is not a checkpoint of this addertrain version (format "
+            f"{meta.get('format') if isinstance(meta, dict) else None}, expected {FORMAT})"
+        )
     files = meta.get("files")
     if not isinstance(files, dict) or not all(type(size) is int for size in files.values()):
-        raise UserError(f"{path / META} has no valid list of files; the checkpoint is damaged, resume "
-                        f"from another one in {path.parent}")
+        raise UserError(
+            f"{path / META} has no valid list of files; the checkpoint is damaged, resume "
+            f"from another one in {path.parent}"
+        )
     entries = _entries(path)
     for name, size in files.items():
         f = entries.get(name)
         if f is None or f.is_symlink() or not f.is_file():
-            raise UserError(f"{path / name} is missing (or not a regular file inside {path}): the "
-                            f"checkpoint is incomplete; resume from another one in {path.parent}")
+            raise UserError(
+                f"{path / name} is missing (or not a regular file inside {path}): the "
+                f"checkpoint is incomplete; resume from another one in {path.parent}"
+            )
         if _size(f) != size:
-            raise UserError(f"{f} has {_size(f)} bytes where {size} were written: it is "
-                            f"truncated or damaged; resume from another checkpoint in {path.parent}")
+            raise UserError(
+                f"{f} has {_size(f)} bytes where {size} were written: it is "
+                f"truncated or damaged; resume from another checkpoint in {path.parent}"
+            )
     unlisted = sorted(entries.keys() - files.keys() - {META})
     if unlisted:
-        shown = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
-        raise UserError(f"{path} holds {len(unlisted)} file(s) that its {META} does not list ({shown}); "
-                        "they were not written with the checkpoint and would be loaded unverified: "
-                        "remove them if you know where they come from, or use another checkpoint")
+        shown = ", ".join(unlisted[:3]) + (
+            f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else ""
+        )
+        raise UserError(
+            f"{path} holds {len(unlisted)} file(s) that its {META} does not list ({shown}); "
+            "they were not written with the checkpoint and would be loaded unverified: "
+            "remove them if you know where they come from, or use another checkpoint"
+        )
     return meta
 
 
@@ -222,10 +274,12 @@ def verify_tensors(path: Path, meta: dict) -> None:
                 with torch.serialization.safe_globals(deepspeed_types()):
                     torch.load(path / name, map_location="cpu", weights_only=True)
             except Exception as e:  # torch raises several types for damaged or unsafe files
-                raise UserError(f"{path / name} cannot be read as tensors and plain data "
-                                f"({type(e).__name__}: {_unpickle_reason(e)}); it is damaged or holds "
-                                "arbitrary objects (code that would run on loading); use another "
-                                "checkpoint") from None
+                raise UserError(
+                    f"{path / name} cannot be read as tensors and plain data "
+                    f"({type(e).__name__}: {_unpickle_reason(e)}); it is damaged or holds "
+                    "arbitrary objects (code that would run on loading); use another "
+                    "checkpoint"
+                ) from None
 
 
 def summary(error: Exception) -> str:
@@ -251,12 +305,17 @@ def check_world(meta: dict, path: Path, world_size: int, recipe: dict) -> None:
         return
     why = None
     if recipe["distributed"]["zero_stage"]:
-        why = f"its ZeRO stage {recipe['distributed']['zero_stage']} optimizer state is sharded per worker"
-    elif recipe["data"]["source"] == "folder":
+        why = (
+            f"its ZeRO stage {recipe['distributed']['zero_stage']} optimizer state is sharded "
+            "per worker"
+        )
+    elif recipe["data"]["source"] != "synthetic":
         why = "its data position is a per-worker DALI reader position"
     if why:
-        raise UserError(f"checkpoint {path} was written by {saved} worker(s) and this run has "
-                        f"{world_size}, but {why}; resume with distributed.workers={saved}")
+        raise UserError(
+            f"checkpoint {path} was written by {saved} worker(s) and this run has "
+            f"{world_size}, but {why}; resume with distributed.workers={saved}"
+        )
 
 
 def check_compatible(meta: dict, path: Path, recipe: dict, world_size: int, allow=()) -> None:
@@ -265,13 +324,16 @@ def check_compatible(meta: dict, path: Path, recipe: dict, world_size: int, allo
         if keys:
             s, c = flatten(meta["recipe"]), flatten(recipe)
             what = ", ".join(f"{k} ({s.get(k)!r} -> {c.get(k)!r})" for k in keys)
-            raise UserError(f"the recipe differs from checkpoint {path}'s in {what}; resume with the "
-                            "checkpoint's values, or pass --allow-change KEY for each deliberate "
-                            "change (e.g. --allow-change schedule.epochs)")
+            raise UserError(
+                f"the recipe differs from checkpoint {path}'s in {what}; resume with the "
+                "checkpoint's values, or pass --allow-change KEY for each deliberate "
+                "change (e.g. --allow-change schedule.epochs)"
+            )
     check_world(meta, path, world_size, recipe)
 
 
 # -- state parts --------------------------------------------------------------------------------
+
 
 def _b64(t) -> str:
     return base64.b64encode(t.numpy().tobytes()).decode()
@@ -292,9 +354,11 @@ class RNGState:
 
         version, words, gauss = random.getstate()
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state = {"python": [version, list(words), gauss],
-                 "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-                 "torch": _b64(torch.get_rng_state())}
+        state = {
+            "python": [version, list(words), gauss],
+            "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": _b64(torch.get_rng_state()),
+        }
         if torch.cuda.is_available():
             state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
         return state
@@ -314,6 +378,7 @@ class RNGState:
 
 # -- retention ----------------------------------------------------------------------------------
 
+
 def _own(folder: Path) -> list[tuple[Path, dict]]:
     """The checkpoints retention may delete: direct subfolders named stepNNNNNNNN whose meta.json
     has that step. A tag read from meta.json is never used as a path, so neither a tampered tag
@@ -326,7 +391,11 @@ def _own(folder: Path) -> list[tuple[Path, dict]]:
             meta = json.loads((p / META).read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(meta, dict) and type(meta.get("step")) is int and tag_for(meta["step"]) == p.name:
+        if (
+            isinstance(meta, dict)
+            and type(meta.get("step")) is int
+            and tag_for(meta["step"]) == p.name
+        ):
             own.append((p, meta))
     return own
 
@@ -345,6 +414,7 @@ def retain(folder: Path, keep_last: int, keep_best: int, current: Path) -> list[
 
 
 # -- the manager --------------------------------------------------------------------------------
+
 
 def _write_json(path: Path, data) -> None:
     with open(path, "w") as f:
@@ -437,7 +507,9 @@ class Checkpointer:
         """Whether an evaluation's result deserves a checkpoint of its own: only a new best
         that ``checkpoint.keep_best`` would keep (other evaluations wait for the periodic
         checkpoint). The same answer on every rank: ``top1`` is all-reduced."""
-        return bool(self.cfg.checkpoint.keep_best) and (self.best_top1 is None or top1 > self.best_top1)
+        return bool(self.cfg.checkpoint.keep_best) and (
+            self.best_top1 is None or top1 > self.best_top1
+        )
 
     def save(self, step: int, top1: float | None = None) -> Path:
         import torch.distributed as dist
@@ -449,8 +521,12 @@ class Checkpointer:
         digest = protected_digest(recipe)
         own = tmp / f"rank{self.world.rank}.json"
         with _storage_errors(tmp), _recording_writes(self.engine) as written:
-            self.engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False,
-                                        client_state={"addertrain": {"step": step, "digest": digest}})
+            self.engine.save_checkpoint(
+                str(self.dir),
+                tag=tmp.name,
+                save_latest=False,
+                client_state={"addertrain": {"step": step, "digest": digest}},
+            )
             tmp.mkdir(exist_ok=True)
             _write_json(own, {name: part.state_dict() for name, part in self.parts.items()})
         # Each rank reports the sizes of the files it wrote, as it wrote them: on shared storage
@@ -463,14 +539,26 @@ class Checkpointer:
         if self.world.is_main:
             # What no rank reported was copied in by DeepSpeed on this rank (ZeRO's
             # zero_to_fp32.py), so this rank's own listing is right for it.
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+            files = {
+                str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()
+            }
             for report in reports:
                 files.update(report)
-            _write_json(tmp / META, {"format": FORMAT, "tag": tag, "step": step, "top1": top1,
-                                     "best_top1": self.best_top1,
-                                     "world_size": self.world.world_size, "digest": digest,
-                                     "recipe": recipe, "time": time.time(),
-                                     "files": dict(sorted(files.items()))})
+            _write_json(
+                tmp / META,
+                {
+                    "format": FORMAT,
+                    "tag": tag,
+                    "step": step,
+                    "top1": top1,
+                    "best_top1": self.best_top1,
+                    "world_size": self.world.world_size,
+                    "digest": digest,
+                    "recipe": recipe,
+                    "time": time.time(),
+                    "files": dict(sorted(files.items())),
+                },
+            )
             if os.environ.get(CRASH_BEFORE_PUBLISH) == str(step):
                 os.kill(os.getpid(), signal.SIGKILL)
             self._publish(tmp, final)
@@ -478,7 +566,6 @@ class Checkpointer:
         dist.barrier()
         self.last_save = time.monotonic()
         self.seconds += time.perf_counter() - start
-        self._report_to_ray(final, step, top1)
         return final
 
     def _publish(self, tmp: Path, final: Path) -> None:
@@ -495,20 +582,10 @@ class Checkpointer:
     def _retain(self, current: Path) -> None:
         c = self.cfg.checkpoint
         for path in retain(self.dir, c.keep_last, c.keep_best, current):
-            LOG.debug(f"removed the checkpoint {path} (checkpoint.keep_last={c.keep_last}, "
-                      f"keep_best={c.keep_best})")
-
-    def _report_to_ray(self, path: Path, step: int, top1: float | None) -> None:
-        """Tell Ray Train about the checkpoint (it lies in the run directory, which is the Ray
-        experiment directory, so nothing is copied)."""
-        if self.cfg.distributed.executor != "ray":
-            return
-        import ray.train
-        from ray.train import Checkpoint, CheckpointUploadMode
-
-        metrics = {"step": step, **({"top1": top1} if top1 is not None else {})}
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)) if self.world.is_main
-                         else None, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+            LOG.debug(
+                f"removed the checkpoint {path} (checkpoint.keep_last={c.keep_last}, "
+                f"keep_best={c.keep_best})"
+            )
 
     def load(self, path: Path) -> dict:
         """Restore the engine and this rank's parts from ``path``; returns its metadata."""
@@ -518,13 +595,17 @@ class Checkpointer:
         import torch
 
         try:
-            with torch.serialization.safe_globals(deepspeed_types()):  # the workers load weights only
+            with torch.serialization.safe_globals(
+                deepspeed_types()
+            ):  # the workers load weights only
                 loaded, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         except (RuntimeError, ValueError, KeyError) as e:  # torch's strict load_state_dict and
             # the optimizer's group check, when --allow-change let the shapes change
             raise UserError(_mismatch_message(path, meta, recipe, e)) from None
         if loaded is None:
-            raise UserError(f"DeepSpeed found no model state in {path}; resume from another checkpoint")
+            raise UserError(
+                f"DeepSpeed found no model state in {path}; resume from another checkpoint"
+            )
         own = path / f"rank{min(self.world.rank, meta['world_size'] - 1)}.json"
         state = json.loads(own.read_text())
         for name, part in self.parts.items():
@@ -537,8 +618,10 @@ class Checkpointer:
 def _mismatch_message(path: Path, meta: dict, recipe: dict, error: Exception) -> str:
     saved = meta.get("recipe") if isinstance(meta.get("recipe"), dict) else {}
     keys = ", ".join(changed_keys(saved, recipe)) or "no protected key"
-    return (f"the state in checkpoint {path} does not fit this recipe's model or optimizer "
-            f"({type(error).__name__}: {summary(error)}); the recipe changed {keys}: "
-            "--allow-change takes changes that keep the weights' shapes (e.g. schedule.epochs), not "
-            "another architecture or number of classes; resume with the checkpoint's values, or "
-            "start afresh under a new run.name")
+    return (
+        f"the state in checkpoint {path} does not fit this recipe's model or optimizer "
+        f"({type(error).__name__}: {summary(error)}); the recipe changed {keys}: "
+        "--allow-change takes changes that keep the weights' shapes (e.g. schedule.epochs), not "
+        "another architecture or number of classes; resume with the checkpoint's values, or "
+        "start afresh under a new run.name"
+    )

@@ -19,6 +19,7 @@ COMMANDS = {
     (None, "export"): "addertrain.export",
     (None, "eval"): "addertrain.evaluate",
     (None, "report"): "addertrain.report",
+    (None, "sweep"): "addertrain.sweep",
     (None, "ops"): "addertrain.opcount",
     (None, "warmup"): "addertrain.warmup",
     ("bench", "op"): "addertrain.bench.op",
@@ -28,9 +29,11 @@ COMMANDS = {
     ("data", "check"): "addertrain.data.check",
     ("data", "digits"): "addertrain.data.digits",
     ("data", "fake"): "addertrain.data.fake",
+    ("data", "mnist5k"): "addertrain.data.mnist",
 }
 GROUP_HELP = {
-    "bench": "measure speed and memory side by side with the baselines (prints a table, writes JSON)",
+    "bench": "measure speed and memory side by side with the baselines (prints a table, writes "
+    "JSON)",
     "data": "prepare and check datasets",
 }
 
@@ -48,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="addertrain",
         description="Train multiplication-free AdderNets: Triton adder kernels, DALI input, "
-                    "DeepSpeed workers orchestrated by Ray.")
+        "DeepSpeed workers orchestrated by Ray.",
+    )
     parser.add_argument("--version", action="version", version=f"addertrain {_version()}")
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups = {}
@@ -59,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             if group not in groups:
                 g = top.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group])
-                groups[group] = g.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+                groups[group] = g.add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND", required=True
+                )
             sub = groups[group].add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
@@ -71,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # argparse cannot take positionals after an option (`launch R --smoke a=1`): such
     # key=value leftovers are overrides.
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+    if (
+        extra
+        and hasattr(args, "overrides")
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -83,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         # Ctrl-C stops at once, without a checkpoint; SIGTERM/SIGUSR1 checkpoint first (exit 75).
-        print("addertrain: interrupted (no checkpoint written now; a launch continues from its "
-              "last checkpoint with --resume auto)", file=sys.stderr)
+        print(
+            "addertrain: interrupted (no checkpoint written now; a launch continues from its "
+            "last checkpoint with --resume auto)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -11,10 +11,10 @@ import json
 import re
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from addertrain.errors import UserError
 
@@ -22,8 +22,9 @@ from addertrain.errors import UserError
 class Section(BaseModel):
     # strict: `true` is not 1 and 2.0 is not 2 (an int still fills a float key); the tuple keys
     # relax it, since YAML gives them as lists. No key has a use for inf or nan.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False
+    )
 
 
 class RunConfig(Section):
@@ -38,13 +39,18 @@ class RunConfig(Section):
     data_check: Literal["full", "sample"] = "full"
 
 
+# The architectures and adder backends a recipe may name: models/ and nn/ take them from here.
+ARCHS = ("resnet20", "resnet32", "resnet18", "resnet50", "lenet5")
+BACKENDS = ("auto", "reference", "triton")
+
+
 class ModelConfig(Section):
-    arch: Literal["resnet20", "resnet32", "resnet18", "resnet50"] = "resnet20"
+    arch: Literal[ARCHS] = "resnet20"
     conv: Literal["adder", "conv"] = "adder"
     num_classes: int = Field(10, ge=2)
     # auto: BN on the logits (the paper's head) for adder, the standard linear head for conv
     head: Literal["auto", "bn", "linear"] = "auto"
-    backend: Literal["auto", "reference", "triton"] = "auto"
+    backend: Literal[BACKENDS] = "auto"
     bn_momentum: float = Field(0.1, gt=0, le=1)
 
 
@@ -54,20 +60,26 @@ class SyntheticConfig(Section):
 
 
 class DataConfig(Section):
-    # folder: ImageNet layout root/{train,val}/<class>/*.JPEG; synthetic: generated, class-dependent
-    source: Literal["folder", "synthetic"] = "synthetic"
-    root: Optional[str] = None
+    # folder: ImageNet layout root/{train,val}/<class>/*.JPEG; synthetic: generated;
+    # cifar: root holds the python batches (cifar-10-batches-py/ or cifar-100-python/);
+    # mnist: root holds the IDX files (train-images-idx3-ubyte[.gz], ...)
+    source: Literal["folder", "synthetic", "cifar", "mnist"] = "synthetic"
+    root: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     # prepare a missing dataset with a builder (e.g. "digits") before training
-    prepare: Optional[Literal["digits"]] = None
+    prepare: Literal["digits", "mnist5k"] | None = None
     image_size: int = Field(32, ge=8)
     # evaluation: resize the shorter side to this, then center-crop image_size
-    eval_resize: Optional[int] = None
+    eval_resize: int | None = None
     channels: int = Field(3, ge=1)
     crop_scale: tuple[float, float] = Field((0.08, 1.0), strict=False)
     crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), strict=False)
     random_resized_crop: bool = True
+    # training without random_resized_crop: zero-pad this many pixels per side, then crop
+    # image_size at a random position (CIFAR's RandomCrop(32, padding=4)); cifar and mnist
+    # never use random_resized_crop
+    pad_crop: int = Field(0, ge=0)
     flip: bool = True
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), strict=False)
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), strict=False)
@@ -76,8 +88,14 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.source == "folder" and not self.root:
-            raise ValueError("data.root must name the dataset folder when data.source is folder")
+        if self.source != "synthetic" and not self.root:
+            raise ValueError(
+                f"data.root must name the dataset folder when data.source is {self.source}"
+            )
+        if self.source in ("cifar", "mnist") and self.prepare:
+            raise ValueError(
+                f"data.prepare builds a folder dataset; drop it with data.source={self.source}"
+            )
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError("data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1")
@@ -96,7 +114,7 @@ class OptimConfig(Section):
     nesterov: bool = False
     weight_decay: float = Field(1e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: Optional[float] = Field(None, gt=0)
+    grad_clip: float | None = Field(None, gt=0)
 
 
 class ScheduleConfig(Section):
@@ -112,9 +130,44 @@ class ScheduleConfig(Section):
         return self
 
 
+# The adder layers' rules a recipe may name (nn/adder.py and alr.py take them from here);
+# the first of each is the paper's method, the others its ablations.
+WEIGHT_GRADS = ("full", "sign")
+INPUT_GRADS = ("hardtanh", "full", "sign")
+LR_MODES = ("alr", "fixed", "increased")
+
+
 class AdderConfig(Section):
-    alr: bool = True
+    """The adder layers' training rules; the defaults are the paper's method, the other
+    values its ablations (docs/fidelity.md). ``lr``: ``alr`` the adaptive learning rate,
+    ``fixed`` the plain schedule, ``increased`` the schedule times ``lr_increase`` for every
+    adder layer alike. ``grad``: the weight gradient, full precision ``X - W`` or its sign
+    (the exact derivative of ``-|X - W|``). ``input_grad``: ``hardtanh`` ``HT(W - X)``,
+    ``full`` ``W - X`` unclipped, or ``sign``."""
+
+    lr: Literal[LR_MODES] = "alr"
     eta: float = Field(0.2, gt=0)
+    # one factor for all adder layers: the median ALR scale of the digits recipe (3,200 over
+    # its 20 adder layers at 18 logged steps, from 140 to 1e5; docs/fidelity.md), rounded
+    lr_increase: float = Field(3000.0, gt=0)
+    grad: Literal[WEIGHT_GRADS] = "full"
+    input_grad: Literal[INPUT_GRADS] = "hardtanh"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_alr(cls, data):
+        """``alr: true|false``, the older spelling (recipes and saved runs), means ``lr: alr``
+        or ``fixed``; an ``lr`` given too decides, so ``adder.lr=...`` overrides such a recipe."""
+        if isinstance(data, dict) and "alr" in data:
+            data = dict(data)
+            alr = data.pop("alr")
+            if not isinstance(alr, bool):
+                raise ValueError(
+                    f"adder.alr must be true or false (got {alr!r}); "
+                    "better: adder.lr=alr|fixed|increased"
+                )
+            data.setdefault("lr", "alr" if alr else "fixed")
+        return data
 
 
 class TrainConfig(Section):
@@ -124,7 +177,7 @@ class TrainConfig(Section):
     # evaluate every this many epochs (and always at the end); 0 = only at the end
     eval_interval: float = Field(1, ge=0)
     # stop after this many optimizer steps (None: run the schedule's epochs)
-    max_steps: Optional[int] = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -133,19 +186,40 @@ class DistributedConfig(Section):
     workers: int = Field(1, ge=1)
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    ray_address: Optional[str] = None
+    zero_stage: Literal[0, 1, 2] = 0
+    ray_address: str | None = None
     max_failures: int = Field(0, ge=0)
+
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _stage_3(cls, stage):
+        if stage == 3:  # DeepSpeed has it: say why it is not offered
+            raise ValueError(
+                "distributed.zero_stage=3 is not supported: adder layers are small "
+                "next to their activations, so stage 3 saves little; use 0, 1 or 2"
+            )
+        return stage
 
 
 class CheckpointConfig(Section):
-    interval_steps: Optional[int] = Field(None, ge=1)
-    interval_minutes: Optional[float] = Field(None, gt=0)
+    interval_steps: int | None = Field(None, ge=1)
+    interval_minutes: float | None = Field(None, gt=0)
     keep_last: int = Field(2, ge=1)
     keep_best: int = Field(1, ge=0)
     # the checkpoint this launch starts from (set by `addertrain launch --resume`); a restart
     # after a failure continues from the run directory's latest checkpoint instead
-    resume: Optional[str] = None
+    resume: str | None = None
+
+
+class DistillConfig(Section):
+    """Logit distillation from a frozen teacher (addertrain/distill.py); off without a teacher."""
+
+    # an export folder (addertrain export, or a run's final/) of a model for the same classes
+    # and inputs, e.g. the AdderNet's CNN twin
+    teacher: str | None = None
+    temperature: float = Field(4.0, gt=0)
+    # the soft (teacher) term's weight; 1 - alpha goes to the labels' cross-entropy
+    alpha: float = Field(0.5, ge=0, le=1)
 
 
 class LoggingConfig(Section):
@@ -167,6 +241,7 @@ class Config(Section):
     distributed: DistributedConfig = DistributedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -174,12 +249,47 @@ class Config(Section):
         if t.global_batch % t.micro_batch:
             raise ValueError(
                 f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch "
-                f"({t.micro_batch})")
+                f"({t.micro_batch})"
+            )
         if t.global_batch % (t.micro_batch * self.distributed.workers):
             raise ValueError(
                 f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch x "
-                f"distributed.workers ({t.micro_batch} x {self.distributed.workers})")
+                f"distributed.workers ({t.micro_batch} x {self.distributed.workers})"
+            )
+        if t.precision == "bf16" and self.distributed.zero_stage != 1:
+            raise ValueError(
+                f"train.precision=bf16 needs distributed.zero_stage=1 (got "
+                f"{self.distributed.zero_stage}): only DeepSpeed's ZeRO-1 bf16 optimizer "
+                "accumulates and all-reduces gradients in fp32; set distributed.zero_stage=1, or "
+                "train in fp32"
+            )
+        if self.model.arch == "lenet5" and self.data.image_size != 32:
+            raise ValueError(
+                f"model.arch=lenet5 takes 32x32 images (its C5 layer covers the 5x5 "
+                f"map they leave), not {self.data.image_size}; set data.image_size=32"
+            )
         return self
+
+    def batch_split(self, world_size: int) -> tuple[int, int]:
+        """(micro batch per worker, gradient accumulation steps) over ``world_size`` workers,
+        which an external launcher (torchrun, srun) may set apart from distributed.workers."""
+        t = self.train
+        if t.global_batch % (t.micro_batch * world_size):
+            raise UserError(
+                f"train.global_batch={t.global_batch} cannot be split over {world_size} worker(s) "
+                f"with train.micro_batch={t.micro_batch}: it must be a multiple of micro_batch x "
+                f"workers = {t.micro_batch * world_size}"
+            )
+        return t.micro_batch, t.global_batch // (t.micro_batch * world_size)
+
+    def check_device(self, device_type: str) -> None:
+        """What the recipe asks of the device the workers train on ("cuda" or "cpu"), which
+        ``train.device=auto`` leaves to the machine."""
+        if self.train.precision == "fp16" and device_type != "cuda":
+            raise UserError(
+                "train.precision=fp16 needs a CUDA device (DeepSpeed has no fp16 on "
+                "CPU); use train.precision=bf16 or fp32"
+            )
 
     def run_dir(self) -> Path:
         return Path(self.run.dir) / self.run.name
@@ -239,8 +349,10 @@ class _Loader(yaml.SafeLoader):
             if not isinstance(key, Hashable):
                 continue  # the base class refuses it
             if key in seen:
-                raise DuplicateKeyError(f"key {key!r} appears twice in one section (line "
-                                        f"{key_node.start_mark.line + 1}); keep one of them")
+                raise DuplicateKeyError(
+                    f"key {key!r} appears twice in one section (line "
+                    f"{key_node.start_mark.line + 1}); keep one of them"
+                )
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -250,7 +362,8 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def _parse_value(text: str) -> Any:
@@ -288,16 +401,21 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     path = Path(path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.yaml"))
-        raise UserError(f"recipe {path} is a directory; pass a YAML file"
-                        + (f" from it ({', '.join(inside[:5])})" if inside else
-                           " such as recipes/digits.yaml"))
+        raise UserError(
+            f"recipe {path} is a directory; pass a YAML file"
+            + (f" from it ({', '.join(inside[:5])})" if inside else " such as recipes/digits.yaml")
+        )
     if not path.is_file():
-        raise UserError(f"recipe {path} does not exist; pass a YAML file such as recipes/digits.yaml")
+        raise UserError(
+            f"recipe {path} does not exist; pass a YAML file such as recipes/digits.yaml"
+        )
     try:
         tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except UnicodeDecodeError as e:
-        raise UserError(f"recipe {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
-                        f"offset {e.start}); save it as UTF-8") from None
+        raise UserError(
+            f"recipe {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+            f"offset {e.start}); save it as UTF-8"
+        ) from None
     except OSError as e:
         raise UserError(f"cannot read recipe {path}: {e.strerror}") from None
     except DuplicateKeyError as e:
@@ -305,8 +423,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path} is not valid YAML: {e}") from None
     if tree is None:
-        raise UserError(f"recipe {path} is empty (nothing but comments or null); a recipe names "
-                        "its sections (run, model, data, ...), see recipes/synthetic_tiny.yaml")
+        raise UserError(
+            f"recipe {path} is empty (nothing but comments or null); a recipe names "
+            "its sections (run, model, data, ...), see recipes/synthetic_tiny.yaml"
+        )
     if not isinstance(tree, dict):
         raise UserError(f"recipe {path} must be a mapping of sections (run, model, data, ...)")
     return from_dict(apply_overrides(tree, list(overrides)), source=str(path))

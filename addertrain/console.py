@@ -29,19 +29,11 @@ def setup(rank: int = 0) -> None:
     if rank:  # one voice per run: the other ranks speak only when something is wrong
         level = max(level, logging.WARNING)
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(
-        "%(message)s" if rank == 0 else f"rank {rank}: %(levelname)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter(
+            "%(message)s" if rank == 0 else f"rank {rank}: %(levelname)s: %(message)s"
+        )
+    )
     LOG.handlers[:] = [handler]
     LOG.setLevel(level)
     LOG.propagate = False
-    _quiet_ray_train()
-
-
-def _quiet_ray_train() -> None:
-    """Ray Train logs every reported checkpoint at INFO, twice (one line per rank), under a
-    logger named by its file path; keep it for ``-v``."""
-    if verbosity() > 0 or "ray.train" not in sys.modules:
-        return
-    from ray.train.v2._internal.execution import context
-
-    context.logger.setLevel(logging.WARNING)

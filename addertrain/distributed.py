@@ -29,8 +29,11 @@ class WorldInfo:
         return self.rank == 0
 
 
-SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE",
-                  "SLURM_LOCALID": "LOCAL_RANK"}
+SLURM_TO_TORCH = {
+    "SLURM_PROCID": "RANK",
+    "SLURM_NTASKS": "WORLD_SIZE",
+    "SLURM_LOCALID": "LOCAL_RANK",
+}
 
 
 def _under_srun() -> bool:
@@ -47,7 +50,9 @@ def launcher_rank() -> int:
 
 def pick_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        raise UserError(
+            "train.device=cuda but no CUDA device is visible; use train.device=auto or cpu"
+        )
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
@@ -63,8 +68,10 @@ def init(requested_device: str) -> WorldInfo:
     os.environ.setdefault("LOCAL_RANK", "0")
     alone = os.environ["WORLD_SIZE"] == "1"
     if not alone and "MASTER_PORT" not in os.environ:
-        raise UserError("WORLD_SIZE > 1 but MASTER_PORT is unset; launch through addertrain, "
-                        "torchrun or srun with MASTER_ADDR/MASTER_PORT exported")
+        raise UserError(
+            "WORLD_SIZE > 1 but MASTER_PORT is unset; launch through addertrain, "
+            "torchrun or srun with MASTER_ADDR/MASTER_PORT exported"
+        )
     local_rank = int(os.environ["LOCAL_RANK"])
     if requested_device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

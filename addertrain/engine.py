@@ -4,32 +4,6 @@ from __future__ import annotations
 
 from addertrain.alr import once_per_step
 from addertrain.config import Config
-from addertrain.errors import UserError
-
-
-def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
-    """(micro batch per worker, gradient accumulation steps) for the recipe's global batch."""
-    t = cfg.train
-    if t.global_batch % (t.micro_batch * world_size):
-        raise UserError(
-            f"train.global_batch={t.global_batch} cannot be split over {world_size} worker(s) with "
-            f"train.micro_batch={t.micro_batch}: it must be a multiple of micro_batch x workers "
-            f"= {t.micro_batch * world_size}")
-    return t.micro_batch, t.global_batch // (t.micro_batch * world_size)
-
-
-def check_precision(cfg: Config, device_type: str) -> None:
-    if cfg.train.precision == "fp16" and device_type != "cuda":
-        raise UserError("train.precision=fp16 needs a CUDA device (DeepSpeed has no fp16 on CPU); "
-                        "use train.precision=bf16 or fp32")
-    if cfg.train.precision == "bf16" and cfg.distributed.zero_stage != 1:
-        raise UserError(
-            f"train.precision=bf16 needs distributed.zero_stage=1 (got {cfg.distributed.zero_stage}): "
-            "only DeepSpeed's ZeRO-1 bf16 optimizer accumulates and all-reduces gradients in fp32; "
-            "set distributed.zero_stage=1, or train in fp32")
-    if cfg.distributed.zero_stage == 3:
-        raise UserError("distributed.zero_stage=3 is not supported: adder layers are small next to "
-                        "their activations, so stage 3 saves little; use 0, 1 or 2")
 
 
 def zero_config(stage: int) -> dict:
@@ -44,7 +18,7 @@ def zero_config(stage: int) -> dict:
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    micro, accum = batch_split(cfg, world_size)
+    micro, accum = cfg.batch_split(world_size)
     ds = {
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": micro,
@@ -74,7 +48,10 @@ def initialize(cfg: Config, model, optimizer, world_size: int):
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
-        dist_init_required=False)
+        model=model,
+        optimizer=optimizer,
+        config=deepspeed_config(cfg, world_size),
+        dist_init_required=False,
+    )
     once_per_step(engine.optimizer, optimizer)
     return engine

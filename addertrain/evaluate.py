@@ -1,4 +1,5 @@
-"""``addertrain eval PATH``: top-1/top-5 of an export or a checkpoint on a dataset, in one process."""
+"""Evaluation: the metrics of one pass over a validation loader (used by the trainer), and
+``addertrain eval PATH``: top-1/top-5 of an export or a checkpoint on a dataset, in one process."""
 
 from __future__ import annotations
 
@@ -7,12 +8,56 @@ import json
 HELP = "evaluate an export or a checkpoint on a dataset and print top-1/top-5"
 
 
+def eval_sums(model, loader, dtype, device):
+    """(summed loss, top-1 hits, top-5 hits, samples) over one pass of ``loader``, as a
+    float64 tensor on ``device``."""
+    import torch  # here, not at the top: `addertrain --help` imports this module
+    import torch.nn.functional as F
+
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for images, labels, valid in loader:
+            logits = model(images.to(dtype)).float()[:valid]
+            labels = labels[:valid]
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top5 == labels[:, None]
+            sums += torch.stack(
+                [
+                    F.cross_entropy(logits, labels, reduction="sum"),
+                    hits[:, 0].sum(),
+                    hits.any(1).sum(),
+                    torch.tensor(valid, device=logits.device),
+                ]
+            ).double()
+    return sums
+
+
+def eval_summary(sums, num_classes: int) -> dict:
+    """Mean loss, top-1 and top-5 (%); top-5 is None with 5 classes or fewer, where every
+    sample would count as a hit."""
+    loss, top1, top5, n = sums.tolist()
+    return {
+        "loss": loss / n,
+        "top1": 100 * top1 / n,
+        "top5": 100 * top5 / n if num_classes > 5 else None,
+        "samples": int(n),
+    }
+
+
 def add_arguments(p) -> None:
-    p.add_argument("path", help="an export folder (model.safetensors + config.yaml, e.g. RUN_DIR/final), "
-                                "a checkpoint directory or a run directory (its latest checkpoint)")
-    p.add_argument("--data", help="dataset root in ImageNet layout, or 'synthetic' for the generated "
-                                  "data; default: the dataset of the model's recipe")
-    p.add_argument("--split", help="split folder to evaluate (default: the recipe's data.val_split)")
+    p.add_argument(
+        "path",
+        help="an export folder (model.safetensors + config.yaml, e.g. RUN_DIR/final), "
+        "a checkpoint directory or a run directory (its latest checkpoint)",
+    )
+    p.add_argument(
+        "--data",
+        help="dataset root in ImageNet layout, or 'synthetic' for the generated "
+        "data; default: the dataset of the model's recipe",
+    )
+    p.add_argument(
+        "--split", help="split folder to evaluate (default: the recipe's data.val_split)"
+    )
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--json", help="also write the result to this JSON file")
 
@@ -22,11 +67,10 @@ def run(args) -> int:
 
     from addertrain import config
     from addertrain.data import build_loader
+    from addertrain.data.prepare import prepare_data
     from addertrain.errors import UserError
-    from addertrain.export import load_model
-    from addertrain.launch.command import prepare_data
     from addertrain.metrics import eval_line
-    from addertrain.trainer import eval_sums, eval_summary
+    from addertrain.model_io import load_model
 
     if args.batch < 1:
         raise UserError(f"--batch {args.batch}: give a positive batch size")
@@ -42,11 +86,14 @@ def run(args) -> int:
     prepare_data(cfg, training=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = build_loader(cfg, "val", args.batch, 0, 1, device)
-    result = eval_summary(eval_sums(model.to(device), loader, torch.float32, device),
-                          cfg.model.num_classes)
+    result = eval_summary(
+        eval_sums(model.to(device), loader, torch.float32, device), cfg.model.num_classes
+    )
     source = cfg.data.root if cfg.data.source == "folder" else "synthetic data"
-    print(f"{args.path} on {source} ({cfg.data.val_split}, {result['samples']} images): "
-          f"{eval_line(result)}")
+    print(
+        f"{args.path} on {source} ({cfg.data.val_split}, {result['samples']} images): "
+        f"{eval_line(result)}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"path": str(args.path), "data": source, **result}, f, indent=2)

@@ -48,11 +48,15 @@ def read_records(path: Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {number} is not a JSON record ({e.msg}); the file is "
-                            "damaged: delete that line and run again") from None
+            raise UserError(
+                f"{path} line {number} is not a JSON record ({e.msg}); the file is "
+                "damaged: delete that line and run again"
+            ) from None
         if not isinstance(record, dict) or "kind" not in record or "step" not in record:
-            raise UserError(f"{path} line {number} is not a metrics record (no kind and step); "
-                            "delete that line and run again")
+            raise UserError(
+                f"{path} line {number} is not a metrics record (no kind and step); "
+                "delete that line and run again"
+            )
         records.append(record)
     return records
 
@@ -91,8 +95,9 @@ class MetricsLog:
 
             # after a resume, TensorBoard drops what the interrupted run logged past the
             # checkpoint, as forget_after() does for the JSON lines
-            self._writer = SummaryWriter(str(self.path.parent / "tensorboard"),
-                                         purge_step=self._purge_step)
+            self._writer = SummaryWriter(
+                str(self.path.parent / "tensorboard"), purge_step=self._purge_step
+            )
         return self._writer
 
     def forget_after(self, step: int) -> None:
@@ -115,7 +120,8 @@ class MetricsLog:
 
 
 class Progress:
-    """Prints ``step/total | loss | lr | img/s | ETA`` lines; rate and ETA cover the last interval."""
+    """Prints ``step/total | loss | lr | img/s | ETA`` lines; rate and ETA cover the last
+    interval."""
 
     def __init__(self, total_steps: int, enabled: bool):
         self.total, self.enabled = total_steps, enabled
@@ -135,7 +141,8 @@ class Progress:
         self.mark(step, images)
         if self.enabled:
             parts = [f"step {step}/{self.total}"] + [
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
+            ]
             parts += [f"{rate:.1f} img/s", f"ETA {_hms(eta)}"]
             LOG.info(" | ".join(parts))
         return rate
@@ -143,13 +150,11 @@ class Progress:
 
 def plot(records: list[dict], out: Path) -> Path | None:
     """Training loss, learning rate and evaluation accuracy against the step, as one PNG."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     if not train:
@@ -162,7 +167,9 @@ def plot(records: list[dict], out: Path) -> Path | None:
     if evals:
         axes[2].plot([r["step"] for r in evals], [r["top1"] for r in evals], "o-", label="top-1")
         if evals[0]["top5"] is not None:
-            axes[2].plot([r["step"] for r in evals], [r["top5"] for r in evals], "s-", label="top-5")
+            axes[2].plot(
+                [r["step"] for r in evals], [r["top5"] for r in evals], "s-", label="top-5"
+            )
         axes[2].legend()
     axes[2].set(title="evaluation accuracy (%)", xlabel="step")
     fig.tight_layout()

@@ -26,8 +26,10 @@ from pathlib import Path
 
 from addertrain.errors import UserError
 
-HELP = ("multiplications, additions and energy (45 nm FP32, Horowitz ISSCC 2014) of one forward "
-        "pass: an AdderNet and its CNN twin, per layer and in total")
+HELP = (
+    "multiplications, additions and energy (45 nm FP32, Horowitz ISSCC 2014) of one forward "
+    "pass: an AdderNet and its CNN twin, per layer and in total"
+)
 
 ADD_PJ, MUL_PJ = 0.9, 3.7
 MIN_IMAGE_SIZE = 8  # the recipes' own lower bound (data.image_size)
@@ -38,7 +40,7 @@ class Layer:
     """One multiplying or adding layer of a model, for one image."""
 
     name: str
-    kind: str               # "adder", "conv" or "linear"
+    kind: str  # "adder", "conv" or "linear"
     output: tuple[int, ...]  # per image: (C, H, W) or (features,)
     fan_in: int
 
@@ -92,7 +94,7 @@ def layers(spec: ModelSpec, conv: str) -> list[Layer]:
 
     def record(module, _inputs, output):
         if isinstance(module, AdderConv2d):
-            kind, fan_in = "adder", module.in_channels * module.kernel_size ** 2
+            kind, fan_in = "adder", module.in_channels * module.kernel_size**2
         elif isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
             kind, fan_in = "conv", module.in_channels // module.groups * kh * kw
@@ -109,7 +111,7 @@ def layers(spec: ModelSpec, conv: str) -> list[Layer]:
 
 
 def total(found: list[Layer]) -> Cost:
-    return Cost(sum(l.mul for l in found), sum(l.add for l in found))
+    return Cost(sum(layer.mul for layer in found), sum(layer.add for layer in found))
 
 
 def cost(spec: ModelSpec, conv: str) -> Cost:
@@ -138,62 +140,106 @@ def energy(pj: float) -> str:
 
 # -- the command ------------------------------------------------------------------------------
 
+
 def add_arguments(p) -> None:
-    p.add_argument("target", metavar="RECIPE|ARCH",
-                   help="a recipe (its model.arch, model.num_classes, data.image_size and "
-                        "data.channels) or an architecture: resnet20, resnet32 (CIFAR), "
-                        "resnet18, resnet50 (ImageNet)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="input height and width (default: the recipe's; for an architecture "
-                        "224 for the ImageNet ones, 32 for the CIFAR ones)")
-    p.add_argument("--classes", type=int, default=None,
-                   help="classifier outputs (default: the recipe's; 1000 for the ImageNet "
-                        "architectures, 10 for the CIFAR ones)")
-    p.add_argument("--channels", type=int, default=None,
-                   help="input channels (default: the recipe's data.channels, else 3)")
+    p.add_argument(
+        "target",
+        metavar="RECIPE|ARCH",
+        help="a recipe (its model.arch, model.num_classes, data.image_size and "
+        "data.channels) or an architecture: resnet20, resnet32 (CIFAR), "
+        "resnet18, resnet50 (ImageNet)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input height and width (default: the recipe's; for an architecture "
+        "224 for the ImageNet ones, 32 for the CIFAR ones)",
+    )
+    p.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help="classifier outputs (default: the recipe's; 1000 for the ImageNet "
+        "architectures, 10 for the CIFAR ones)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=None,
+        help="input channels (default: the recipe's data.channels, else 3)",
+    )
 
 
-def resolve(target: str, image_size: int | None = None, classes: int | None = None,
-            channels: int | None = None) -> ModelSpec:
+def resolve(
+    target: str,
+    image_size: int | None = None,
+    classes: int | None = None,
+    channels: int | None = None,
+) -> ModelSpec:
     """The model a recipe path or an architecture name stands for, with the overrides."""
-    from addertrain.models import ARCHS
+    from addertrain.models import ARCHS, INPUTS
 
     if target in ARCHS:
-        imagenet = ARCHS[target][3]
-        spec = ModelSpec(target, 1000 if imagenet else 10, 224 if imagenet else 32, 3)
+        spec = ModelSpec(target, *INPUTS[target])
     elif Path(target).suffix in (".yaml", ".yml") or Path(target).exists():
         from addertrain import config
 
         cfg = config.load(target)
-        spec = ModelSpec(cfg.model.arch, cfg.model.num_classes, cfg.data.image_size,
-                         cfg.data.channels)
+        spec = ModelSpec(
+            cfg.model.arch, cfg.model.num_classes, cfg.data.image_size, cfg.data.channels
+        )
     else:
-        raise UserError(f"{target!r} is neither a recipe file nor an architecture; pass a YAML "
-                        f"recipe such as recipes/resnet50_imagenet.yaml or one of {', '.join(ARCHS)}")
-    for flag, value, least in (("--image-size", image_size, MIN_IMAGE_SIZE),
-                               ("--classes", classes, 2), ("--channels", channels, 1)):
+        raise UserError(
+            f"{target!r} is neither a recipe file nor an architecture; pass a YAML "
+            f"recipe such as recipes/resnet50_imagenet.yaml or one of {', '.join(ARCHS)}"
+        )
+    for flag, value, least in (
+        ("--image-size", image_size, MIN_IMAGE_SIZE),
+        ("--classes", classes, 2),
+        ("--channels", channels, 1),
+    ):
         if value is not None and value < least:
             raise UserError(f"{flag} {value} is too small; use {least} or more")
-    return ModelSpec(spec.arch, classes or spec.num_classes, image_size or spec.image_size,
-                     channels or spec.channels)
+    return ModelSpec(
+        spec.arch,
+        classes or spec.num_classes,
+        image_size or spec.image_size,
+        channels or spec.channels,
+    )
 
 
 def table(spec: ModelSpec) -> str:
     """Per layer and in total, the CNN twin's and the AdderNet's operations and energy."""
     adder, cnn = layers(spec, "adder"), layers(spec, "conv")
-    rows = [("layer", "AdderNet", "output", "fan-in", "CNN mul=add", "AdderNet mul",
-             "AdderNet add")]
+    rows = [
+        ("layer", "AdderNet", "output", "fan-in", "CNN mul=add", "AdderNet mul", "AdderNet add")
+    ]
     for a, c in zip(adder, cnn, strict=True):
-        rows.append((a.name, a.kind, "x".join(map(str, a.output)), str(a.fan_in), human(c.macs),
-                     human(a.mul), human(a.add)))
+        rows.append(
+            (
+                a.name,
+                a.kind,
+                "x".join(map(str, a.output)),
+                str(a.fan_in),
+                human(c.macs),
+                human(a.mul),
+                human(a.add),
+            )
+        )
     ta, tc = total(adder), total(cnn)
     rows.append(("total", "", "", "", human(tc.mul), human(ta.mul), human(ta.add)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"{spec.arch}: one {spec.channels}x{spec.image_size}x{spec.image_size} image, "
-             f"{spec.num_classes} classes, forward pass"]
+    lines = [
+        f"{spec.arch}: one {spec.channels}x{spec.image_size}x{spec.image_size} image, "
+        f"{spec.num_classes} classes, forward pass"
+    ]
     for i, r in enumerate(rows):
-        lines.append("  ".join(v.ljust(w) if j < 3 else v.rjust(w)
-                               for j, (v, w) in enumerate(zip(r, widths))))
+        lines.append(
+            "  ".join(
+                v.ljust(w) if j < 3 else v.rjust(w) for j, (v, w) in enumerate(zip(r, widths))
+            )
+        )
         if i == 0 or i == len(rows) - 2:
             lines.append("  ".join("-" * w for w in widths))
     lines += [

@@ -32,8 +32,11 @@ def install_handlers(run_dir: str | Path) -> None:
     def handler(signum, frame):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         request_file(run_dir).touch()
-        print(f"addertrain: {signal.Signals(signum).name} received: checkpointing, then exiting "
-              f"with code {EXIT_CODE}", flush=True)
+        print(
+            f"addertrain: {signal.Signals(signum).name} received: checkpointing, then exiting "
+            f"with code {EXIT_CODE}",
+            flush=True,
+        )
 
     for sig in SIGNALS:
         signal.signal(sig, handler)

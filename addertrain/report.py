@@ -16,16 +16,21 @@ from pathlib import Path
 from addertrain.errors import UserError
 from addertrain.metrics import read_records
 
-HELP = ("draw runs side by side in one PNG (loss, top-1, lr, img/s, ALR scale per adder layer) "
-        "and print their final metrics and op counts as a table")
+HELP = (
+    "draw runs side by side in one PNG (loss, top-1, lr, img/s, ALR scale per adder layer) "
+    "and print their final metrics and op counts as a table"
+)
 
 METRICS = "metrics.jsonl"
 
 
 def add_arguments(p) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories to overlay")
-    p.add_argument("--out", default="report.png",
-                   help="the PNG to write (default: report.png in the current directory)")
+    p.add_argument(
+        "--out",
+        default="report.png",
+        help="the PNG to write (default: report.png in the current directory)",
+    )
     p.add_argument("--markdown", metavar="FILE", help="also write the table to FILE (markdown)")
 
 
@@ -44,13 +49,16 @@ class Run:
 
 # -- reading ---------------------------------------------------------------------------------
 
+
 def read_json(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}; move it away to report the run without it") from None
+        raise UserError(
+            f"cannot read {path}: {e}; move it away to report the run without it"
+        ) from None
 
 
 def read_config(path: Path) -> dict:
@@ -63,7 +71,9 @@ def read_config(path: Path) -> dict:
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read {path}: {e}; move it away to report the run without it") from None
+        raise UserError(
+            f"cannot read {path}: {e}; move it away to report the run without it"
+        ) from None
     return tree if isinstance(tree, dict) else {}
 
 
@@ -97,18 +107,26 @@ def status(run_dir: Path, result: dict | None) -> str:
 def load(path: str) -> Run:
     run_dir = Path(path)
     if not run_dir.exists():
-        raise UserError(f"run directory {run_dir} does not exist; pass a folder that "
-                        f"`addertrain launch` wrote (it holds {METRICS})")
+        raise UserError(
+            f"run directory {run_dir} does not exist; pass a folder that "
+            f"`addertrain launch` wrote (it holds {METRICS})"
+        )
     if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file, not a run directory; pass the folder that holds "
-                        f"{METRICS}" + (f" ({run_dir.parent})" if run_dir.name == METRICS else ""))
+        raise UserError(
+            f"{run_dir} is a file, not a run directory; pass the folder that holds "
+            f"{METRICS}" + (f" ({run_dir.parent})" if run_dir.name == METRICS else "")
+        )
     if not (run_dir / METRICS).exists():
-        raise UserError(f"{run_dir} has no {METRICS}: not a run directory, or its run has not "
-                        "logged a step yet (it logs every logging.interval_steps steps)")
+        raise UserError(
+            f"{run_dir} has no {METRICS}: not a run directory, or its run has not "
+            "logged a step yet (it logs every logging.interval_steps steps)"
+        )
     records = read_records(run_dir / METRICS)
     if not records:
-        raise UserError(f"{run_dir / METRICS} holds no records yet; run report again after the "
-                        "run's first logged step")
+        raise UserError(
+            f"{run_dir / METRICS} holds no records yet; run report again after the "
+            "run's first logged step"
+        )
     config = read_config(run_dir / "config.yaml")
     result = read_json(run_dir / "result.json")
     name = (config.get("run") or {}).get("name") or run_dir.resolve().name
@@ -125,6 +143,7 @@ def label(runs: list[Run]) -> None:
 
 # -- the table --------------------------------------------------------------------------------
 
+
 def ops_cost(run: Run):
     """The op count of the run's own model, or None when its config does not say."""
     from addertrain import opcount
@@ -133,8 +152,12 @@ def ops_cost(run: Run):
     model, data = run.config.get("model") or {}, run.config.get("data") or {}
     if model.get("arch") not in ARCHS or model.get("conv") not in ("adder", "conv"):
         return None
-    spec = opcount.ModelSpec(model["arch"], int(model.get("num_classes", 10)),
-                             int(data.get("image_size", 32)), int(data.get("channels", 3)))
+    spec = opcount.ModelSpec(
+        model["arch"],
+        int(model.get("num_classes", 10)),
+        int(data.get("image_size", 32)),
+        int(data.get("channels", 3)),
+    )
     return opcount.cost(spec, model["conv"])
 
 
@@ -156,17 +179,28 @@ def rows(runs: list[Run]) -> list[list[str]]:
     row("model", [f"{m.get('arch', '?')} {m.get('conv', '?')}" for m in models])
     row("status", [r.status for r in runs])
     row("steps", [str(max((x["step"] for x in r.records), default=0)) for r in runs])
-    row("images seen", [f"{t[-1]['images_seen']:,}" if t and "images_seen" in t[-1] else "-"
-                        for t in train])
+    row(
+        "images seen",
+        [f"{t[-1]['images_seen']:,}" if t and "images_seen" in t[-1] else "-" for t in train],
+    )
     row("final top-1", [pct(e["top1"]) if e else "-" for e in last_eval])
     row("final top-5", [pct(e["top5"]) if e else "-" for e in last_eval])
     row("final eval loss", [f"{e['loss']:.4f}" if e else "-" for e in last_eval])
     row("evaluated at step", [str(e[-1]["step"]) if e else "-" for e in evals])
     row("last train loss", [f"{t[-1]['loss']:.4f}" if t else "-" for t in train])
-    row("img/s (median)", [f"{statistics.median(x['img_per_s'] for x in t):.1f}"
-                           if t and all("img_per_s" in x for x in t) else "-" for t in train])
-    row("wall time", [f"{r.result['wall_s']:.0f} s" if r.result and "wall_s" in r.result else "-"
-                      for r in runs])
+    row(
+        "img/s (median)",
+        [
+            f"{statistics.median(x['img_per_s'] for x in t):.1f}"
+            if t and all("img_per_s" in x for x in t)
+            else "-"
+            for t in train
+        ],
+    )
+    row(
+        "wall time",
+        [f"{r.result['wall_s']:.0f} s" if r.result and "wall_s" in r.result else "-" for r in runs],
+    )
     costs = [ops_cost(r) for r in runs]
     row("#Mul / image", [opcount.human(c.mul) if c else "-" for c in costs])
     row("#Add / image", [opcount.human(c.add) if c else "-" for c in costs])
@@ -184,6 +218,7 @@ def markdown(table: list[list[str]]) -> str:
 
 
 # -- the figure -------------------------------------------------------------------------------
+
 
 def alr_series(run: Run) -> dict[str, tuple[list, list]]:
     """Per adder layer, (steps, ALR scales), in the model's layer order."""
@@ -218,15 +253,24 @@ def draw(runs: list[Run], table: list[list[str]], out: Path) -> None:
     grid = fig.add_gridspec(len(heights), per_row, height_ratios=heights)
     colors = [f"C{i % 10}" for i in range(len(runs))]
 
-    panels = (("training loss", "train", "loss"), ("evaluation top-1 (%)", "eval", "top1"),
-              ("learning rate", "train", "lr"), ("images/s", "train", "img_per_s"))
+    panels = (
+        ("training loss", "train", "loss"),
+        ("evaluation top-1 (%)", "eval", "top1"),
+        ("learning rate", "train", "lr"),
+        ("images/s", "train", "img_per_s"),
+    )
     for col, (title, kind, key) in enumerate(panels):
         ax = fig.add_subplot(grid[0, col])
         for run, color in zip(runs, colors):
             pts = [(r["step"], r[key]) for r in run.kind(kind) if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker=marker(kind, len(pts)), color=color, label=run.name,
-                        markersize=3)
+                ax.plot(
+                    *zip(*pts),
+                    marker=marker(kind, len(pts)),
+                    color=color,
+                    label=run.name,
+                    markersize=3,
+                )
         ax.set(title=title, xlabel="step")
         if col == 0:
             ax.legend(fontsize=8)
@@ -235,10 +279,17 @@ def draw(runs: list[Run], table: list[list[str]], out: Path) -> None:
         ax = fig.add_subplot(grid[1 + i // per_row, i % per_row])
         norm = Normalize(0, max(1, len(series) - 1))
         for j, (steps, scales) in enumerate(series.values()):
-            ax.plot(steps, scales, marker=marker("train", len(steps)), markersize=2,
-                    color=cm.viridis(norm(j)), linewidth=1)
-        ax.set(title=f"{run.name}: ALR scale, {len(series)} adder layers", xlabel="step",
-               yscale="log")
+            ax.plot(
+                steps,
+                scales,
+                marker=marker("train", len(steps)),
+                markersize=2,
+                color=cm.viridis(norm(j)),
+                linewidth=1,
+            )
+        ax.set(
+            title=f"{run.name}: ALR scale, {len(series)} adder layers", xlabel="step", yscale="log"
+        )
         bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax)
         bar.locator = MaxNLocator(integer=True)
         bar.update_ticks()
@@ -262,7 +313,9 @@ def check_output(path: Path, suffix: str | None) -> None:
     if path.is_dir():
         raise UserError(f"{path} is a directory; name a file to write")
     if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
+        raise UserError(
+            f"cannot write {path}: folder {path.parent} does not exist; create it first"
+        )
 
 
 def run(args) -> int:

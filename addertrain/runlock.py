@@ -89,7 +89,8 @@ def acquire(run_dir: Path) -> RunLock:
             os.close(fd)
             raise UserError(
                 f"{run_dir} is in use by a running launch ({holder}); wait for it to finish, stop "
-                "it (SIGTERM checkpoints it), or launch under another run.name") from None
+                "it (SIGTERM checkpoints it), or launch under another run.name"
+            ) from None
         # A launch that failed may have removed the directory (and the file we opened) just
         # before we locked it: only the file still at the path counts.
         try:
@@ -100,10 +101,15 @@ def acquire(run_dir: Path) -> RunLock:
             break
         os.close(fd)
     else:
-        raise UserError(f"{run_dir} keeps being removed while this launch takes it over; "
-                        "launch again, or under another run.name")
-    info = {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        raise UserError(
+            f"{run_dir} keeps being removed while this launch takes it over; "
+            "launch again, or under another run.name"
+        )
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)

@@ -7,7 +7,7 @@ step DeepSpeed skips (fp16 overflow) moves the schedule on like any other step.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from addertrain.config import ScheduleConfig
 
@@ -23,8 +23,9 @@ def lr_factor(step: int, total: int, warmup: int, cfg: ScheduleConfig, base_lr: 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_schedule(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int,
-                   base_lr: float) -> Callable[[int], float]:
+def build_schedule(
+    cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int, base_lr: float
+) -> Callable[[int], float]:
     """The learning rate of optimizer step ``step`` (0-based)."""
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     return lambda step: base_lr * lr_factor(step, total_steps, warmup, cfg, base_lr)

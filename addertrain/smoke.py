@@ -20,7 +20,7 @@ def shrink(cfg: Config) -> tuple[Config, list[str]]:
     micro = min(cfg.train.micro_batch, 32 if on_gpu else 8)
     image = cfg.data.image_size if on_gpu else min(cfg.data.image_size, 64)
     root = cfg.data.root and Path(cfg.data.root).expanduser()
-    if cfg.data.source == "folder" and not (root and root.is_dir()) and not cfg.data.prepare:
+    if cfg.data.source != "synthetic" and not (root and root.is_dir()) and not cfg.data.prepare:
         notes.append(f"dataset {cfg.data.root} not found: using synthetic data")
         tree["data"]["source"] = "synthetic"
     if tree["data"]["source"] == "synthetic":
@@ -35,7 +35,9 @@ def shrink(cfg: Config) -> tuple[Config, list[str]]:
         tree["data"]["eval_resize"] = max(image, round(image * 256 / 224))
     tree["train"].update(global_batch=micro, micro_batch=micro, max_steps=STEPS, eval_interval=0)
     tree["schedule"].update(kind="constant", warmup_epochs=0)
-    tree["distributed"].update(executor="local", workers=1, zero_stage=0)
+    # bf16 runs only with ZeRO 1's fp32 gradient accumulation (config.py)
+    zero_stage = 1 if cfg.train.precision == "bf16" else 0
+    tree["distributed"].update(executor="local", workers=1, zero_stage=zero_stage)
     tree["logging"]["interval_steps"] = 1
     tree["run"]["name"] = cfg.run.name + "-smoke"
     return from_dict(tree, "smoke recipe"), notes
@@ -47,7 +49,7 @@ def verdict(records: list[dict], result: dict) -> tuple[bool, list[str]]:
     problems = []
     if not all(math.isfinite(x) for x in losses):
         problems.append("a loss was not finite")
-    elif not min(losses[len(losses) // 2:]) < 0.95 * losses[0]:
+    elif not min(losses[len(losses) // 2 :]) < 0.95 * losses[0]:
         problems.append(f"loss did not fall ({losses[0]:.4f} -> {losses[-1]:.4f})")
     if not result["eval"] or not math.isfinite(result["eval"]["loss"]):
         problems.append("evaluation did not run")

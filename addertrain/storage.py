@@ -35,18 +35,24 @@ def describe_write_error(e: BaseException, path: str | Path) -> str | None:
     failure (the caller re-raises it)."""
     path = Path(path)
     if isinstance(e, RuntimeError) and any(s in str(e) for s in TORCH_SHORT_WRITE):
-        return (f"writing {path} failed part-way, most likely because its disk is full "
-                f"({_free(path)}); free space or set run.dir to a larger disk, then resume")
+        return (
+            f"writing {path} failed part-way, most likely because its disk is full "
+            f"({_free(path)}); free space or set run.dir to a larger disk, then resume"
+        )
     if not isinstance(e, OSError):
         return None
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left for {path} ({e.strerror}, {_free(path)}); free space or set "
-                "run.dir to a larger disk, then resume")
+        return (
+            f"no space left for {path} ({e.strerror}, {_free(path)}); free space or set "
+            "run.dir to a larger disk, then resume"
+        )
     if e.errno == errno.EROFS:
         return f"{path} is on a read-only file system; set run.dir to a writable folder"
     if e.errno in (errno.EACCES, errno.EPERM):
-        return (f"no permission to write {path}; set run.dir to a folder you can write, or "
-                "change the folder's permissions")
+        return (
+            f"no permission to write {path}; set run.dir to a folder you can write, or "
+            "change the folder's permissions"
+        )
     if e.errno in (errno.ENOTDIR, errno.EEXIST) and (blocker := _file_in_the_way(path)):
         return f"{blocker} is a file, not a folder; set run.dir to a folder (or remove the file)"
     return f"cannot write {path}: {e.strerror or e}"
@@ -57,8 +63,9 @@ def check_writable(folder: str | Path) -> None:
     small file in its nearest existing ancestor and remove it again, leaving nothing behind."""
     folder = Path(folder)
     if blocker := _file_in_the_way(folder):
-        raise UserError(f"{blocker} is a file, not a folder; set run.dir to a folder "
-                        "(or remove the file)")
+        raise UserError(
+            f"{blocker} is a file, not a folder; set run.dir to a folder (or remove the file)"
+        )
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".addertrain-probe-") as probe:

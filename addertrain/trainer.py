@@ -11,15 +11,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from addertrain import distributed, engine as ds_engine
+from addertrain import distill, distributed
+from addertrain import engine as ds_engine
 from addertrain.alr import AdderSGD, param_groups
 from addertrain.checkpoint import Checkpointer, RNGState
 from addertrain.config import Config
 from addertrain.console import LOG
 from addertrain.data import build_loader
 from addertrain.errors import UserError
+from addertrain.evaluate import eval_summary, eval_sums
 from addertrain.metrics import MetricsLog, Progress, eval_line, plot
-from addertrain.models import create_model
+from addertrain.model_io import create_model_from_config, write_model
 from addertrain.nn import average_running_stats
 from addertrain.schedule import build_schedule
 
@@ -44,34 +46,49 @@ class Trainer:
     def __init__(self, cfg: Config, world: distributed.WorldInfo):
         self.cfg, self.world = cfg, world
         self.run_dir = cfg.run_dir()
-        ds_engine.check_precision(cfg, world.device.type)
-        micro, self.accum = ds_engine.batch_split(cfg, world.world_size)
+        cfg.check_device(world.device.type)
+        micro, self.accum = cfg.batch_split(world.world_size)
         seed_everything(cfg.run.seed, cfg.run.deterministic)
 
-        self.train_data = build_loader(cfg, "train", micro, world.rank, world.world_size,
-                                       world.device, index_dir=self.run_dir)
-        self.val_data = build_loader(cfg, "val", micro, world.rank, world.world_size,
-                                     world.device, index_dir=self.run_dir)
+        self.train_data = build_loader(
+            cfg, "train", micro, world.rank, world.world_size, world.device, index_dir=self.run_dir
+        )
+        self.val_data = build_loader(
+            cfg, "val", micro, world.rank, world.world_size, world.device, index_dir=self.run_dir
+        )
         self.steps_per_epoch = self.train_data.steps_per_epoch // self.accum
         if self.steps_per_epoch == 0:
-            raise UserError("an epoch of the training data is shorter than one global batch; "
-                            "lower train.global_batch or use more data")
-        self.total_steps = cfg.train.max_steps or max(1, round(cfg.schedule.epochs * self.steps_per_epoch))
-        self.eval_every = (round(cfg.train.eval_interval * self.steps_per_epoch)
-                           if cfg.train.eval_interval else 0)
+            raise UserError(
+                "an epoch of the training data is shorter than one global batch; "
+                "lower train.global_batch or use more data"
+            )
+        self.total_steps = cfg.train.max_steps or max(
+            1, round(cfg.schedule.epochs * self.steps_per_epoch)
+        )
+        self.eval_every = (
+            round(cfg.train.eval_interval * self.steps_per_epoch) if cfg.train.eval_interval else 0
+        )
 
-        m = cfg.model
         self.dtype = DTYPES[cfg.train.precision]
         # fp32 here: DeepSpeed casts the parameters to a half precision and leaves the
         # buffers, so BatchNorm's running statistics stay fp32 (addertrain/nn/norm.py).
-        model = create_model(m.arch, m.conv, m.num_classes, m.head, m.backend, m.bn_momentum,
-                             cfg.data.channels).to(world.device)
+        a = cfg.adder
+        model = create_model_from_config(cfg).to(world.device)
         o = cfg.optim
-        self.optimizer = AdderSGD(param_groups(model, o.weight_decay), lr=o.lr, momentum=o.momentum,
-                                  nesterov=o.nesterov, eta=cfg.adder.eta, alr=cfg.adder.alr,
-                                  clip=o.grad_clip)
+        self.optimizer = AdderSGD(
+            param_groups(model, o.weight_decay),
+            lr=o.lr,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+            eta=a.eta,
+            mode=a.lr,
+            increase=a.lr_increase,
+            clip=o.grad_clip,
+        )
         self.lr_at = build_schedule(cfg.schedule, self.total_steps, self.steps_per_epoch, o.lr)
         self.engine = ds_engine.initialize(cfg, model, self.optimizer, world.world_size)
+        self.teacher = distill.Teacher(cfg, world.device) if cfg.distill.teacher else None
+        self._teacher_since = (0, 0.0)  # (step, teacher seconds) at the last log line
         self.step = 0
         self.images_seen = 0
         self._first_bad = torch.zeros((), dtype=torch.long, device=world.device)
@@ -79,8 +96,12 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, world.is_main, cfg.logging.tensorboard)
         self.progress = Progress(self.total_steps, world.is_main and cfg.logging.progress)
         # Everything a continuation needs besides the engine (model, optimizer, schedule).
-        self.checkpointer = Checkpointer(cfg, world, self.engine, {
-            "progress": self, "rng": RNGState(), "train_data": self.train_data})
+        self.checkpointer = Checkpointer(
+            cfg,
+            world,
+            self.engine,
+            {"progress": self, "rng": RNGState(), "train_data": self.train_data},
+        )
 
     # -- the step -------------------------------------------------------------
     def train_step(self, micro_batches) -> tuple[torch.Tensor, float]:
@@ -92,7 +113,7 @@ class Trainer:
         total = torch.zeros((), device=self.world.device)
         for images, labels, _ in micro_batches:
             logits = self.engine(images.to(self.dtype))
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+            loss = self.loss(logits.float(), images, labels)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
@@ -104,6 +125,13 @@ class Trainer:
             # what is evaluated, checkpointed, exported and resumed is one model.
             average_running_stats(self.engine.module)
         return total, lr
+
+    def loss(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor):
+        smoothing = self.cfg.optim.label_smoothing
+        if self.teacher is None:
+            return F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        d = self.cfg.distill
+        return distill.loss(logits, self.teacher(images), labels, d.temperature, d.alpha, smoothing)
 
     # -- evaluation -----------------------------------------------------------
     def evaluate(self) -> dict:
@@ -119,7 +147,11 @@ class Trainer:
         return {"step": self.step, "images_seen": self.images_seen, "eval": self.last_eval}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.images_seen, self.last_eval = state["step"], state["images_seen"], state["eval"]
+        self.step, self.images_seen, self.last_eval = (
+            state["step"],
+            state["images_seen"],
+            state["eval"],
+        )
 
     def resume(self, path: Path) -> None:
         meta = self.checkpointer.load(path)
@@ -130,6 +162,7 @@ class Trainer:
             self.train_data.load_state_dict({"epoch": epoch, "step": into * self.accum})
         if into == 0:  # the checkpoint ended an epoch (the loader may hold a ragged tail of it)
             self.train_data.set_epoch(epoch)
+        self._teacher_since = (self.step, 0.0)
         if self.world.is_main:
             self.log.forget_after(self.step)
             LOG.info(f"resumed from {path} at step {self.step}/{self.total_steps}")
@@ -153,8 +186,9 @@ class Trainer:
             self.images_seen += self.cfg.train.global_batch
             # The first step with a non-finite loss, noted on the device: reading the loss
             # every step would make the host wait for the GPU at every step.
-            self._first_bad.copy_(torch.where((self._first_bad == 0) & ~loss.isfinite(),
-                                              self.step, self._first_bad))
+            self._first_bad.copy_(
+                torch.where((self._first_bad == 0) & ~loss.isfinite(), self.step, self._first_bad)
+            )
             final = self.step == self.total_steps
             if self.step % self.cfg.logging.interval_steps == 0 or final:
                 self._check_finite()
@@ -163,8 +197,11 @@ class Trainer:
             if evaluated:
                 self._evaluate_and_log()
             due, stop = self.checkpointer.poll(self.step)
-            if due or final or (evaluated and
-                                self.checkpointer.wants_save_after_eval(self.last_eval["top1"])):
+            if (
+                due
+                or final
+                or (evaluated and self.checkpointer.wants_save_after_eval(self.last_eval["top1"]))
+            ):
                 self._check_finite()  # never checkpoint a diverged model
                 self.checkpointer.save(self.step, self.last_eval["top1"] if evaluated else None)
             if stop and not final:
@@ -174,25 +211,46 @@ class Trainer:
     def _check_finite(self) -> None:
         bad = int(self._first_bad)
         if bad:
-            raise FloatingPointError(f"the training loss became non-finite at step {bad}; the last "
-                                     "checkpoint is before it: lower optim.lr or set optim.grad_clip")
+            raise FloatingPointError(
+                f"the training loss became non-finite at step {bad}; the last "
+                "checkpoint is before it: lower optim.lr or set optim.grad_clip"
+            )
 
     def _log_train(self, loss: float, lr: float) -> None:
         rate = self.progress.update(self.step, self.images_seen, loss=loss, lr=lr)
         # skipped: fp16 steps DeepSpeed dropped after an overflow; they count as steps (their
         # data was consumed and the schedule moved on) but changed no weight
-        self.log.write("train", step=self.step, epoch=self.step / self.steps_per_epoch,
-                       loss=loss, lr=lr, img_per_s=rate, images_seen=self.images_seen,
-                       skipped_steps=self.engine.skipped_steps, alr=self.optimizer.summary(),
-                       alr_layers=self._layer_stats())
+        self.log.write(
+            "train",
+            step=self.step,
+            epoch=self.step / self.steps_per_epoch,
+            loss=loss,
+            lr=lr,
+            img_per_s=rate,
+            images_seen=self.images_seen,
+            skipped_steps=self.engine.skipped_steps,
+            alr=self.optimizer.summary(),
+            alr_layers=self._layer_stats(),
+            **self._teacher_cost(),
+        )
+
+    def _teacher_cost(self) -> dict:
+        """The teacher's forward time per step since the last log line (distillation only)."""
+        if self.teacher is None:
+            return {}
+        step, seconds = self._teacher_since
+        self._teacher_since = (self.step, self.teacher.seconds)
+        return {"teacher_ms": 1e3 * (self.teacher.seconds - seconds) / max(1, self.step - step)}
 
     def _layer_stats(self) -> dict:
         """Per adder layer: its latest ALR scale and the gradient norm that scale implies
         (``eta * sqrt(k) / scale``; 0 for a zero gradient, whose scale is 1)."""
         numel = {g["name"]: g["alr_numel"] for g in self.optimizer.param_groups if g["alr_numel"]}
         eta = self.cfg.adder.eta
-        return {name: {"scale": a, "grad_norm": eta * numel[name] ** 0.5 / a if a != 1.0 else 0.0}
-                for name, a in self.optimizer.last_scales.items()}
+        return {
+            name: {"scale": a, "grad_norm": eta * numel[name] ** 0.5 / a if a != 1.0 else 0.0}
+            for name, a in self.optimizer.last_scales.items()
+        }
 
     def _evaluate_and_log(self) -> None:
         self.last_eval = result = self.evaluate()
@@ -203,41 +261,23 @@ class Trainer:
 
     def _summary(self, status: str) -> dict:
         self.log.close()
-        return {"status": status, "steps": self.step, "images_seen": self.images_seen,
-                "skipped_steps": self.engine.skipped_steps, "eval": self.last_eval,
-                "checkpoint_seconds": round(self.checkpointer.seconds, 3),
-                "peak_memory_bytes": peak_memory_bytes(self.world.device)}
+        return {
+            "status": status,
+            "steps": self.step,
+            "images_seen": self.images_seen,
+            "skipped_steps": self.engine.skipped_steps,
+            "eval": self.last_eval,
+            "checkpoint_seconds": round(self.checkpointer.seconds, 3),
+            "peak_memory_bytes": peak_memory_bytes(self.world.device),
+        }
 
     def save_final(self) -> Path | None:
         """The trained model alone (safetensors) and its config, for eval or fine-tuning."""
         if not self.world.is_main:
             return None
-        from addertrain.export import write_model
-
-        out = write_model(self.engine.module.state_dict(), self.cfg.to_dict(), self.run_dir / "final")
+        out = write_model(
+            self.engine.module.state_dict(), self.cfg.to_dict(), self.run_dir / "final"
+        )
         if self.cfg.logging.plots:
             plot(self.log.read(), self.run_dir / "metrics.png")
         return out
-
-
-@torch.no_grad()
-def eval_sums(model, loader, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(summed loss, top-1 hits, top-5 hits, samples) over one pass of ``loader``."""
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    for images, labels, valid in loader:
-        logits = model(images.to(dtype)).float()[:valid]
-        labels = labels[:valid]
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == labels[:, None]
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
-                             hits[:, 0].sum(), hits.any(1).sum(),
-                             torch.tensor(valid, device=logits.device)]).double()
-    return sums
-
-
-def eval_summary(sums: torch.Tensor, num_classes: int) -> dict:
-    """Mean loss, top-1 and top-5 (%); top-5 is None with 5 classes or fewer, where every
-    sample would count as a hit."""
-    loss, top1, top5, n = sums.tolist()
-    return {"loss": loss / n, "top1": 100 * top1 / n,
-            "top5": 100 * top5 / n if num_classes > 5 else None, "samples": int(n)}

@@ -7,7 +7,7 @@ rank doing that inside its first step holds every other rank at the first all-re
 worker runs this warm-up before its first step (launch/ray_executor.py, launch/command.py).
 The ranks of one node take turns (a lock in the cache directory): the first compiles and tunes,
 the others load the binaries and the autotuner's choices from the cache (``cache_results`` in
-kernels/launch.py), and all of them start training with the kernels in memory.
+kernels/common.py), and all of them start training with the kernels in memory.
 
 The cache is node-local by default, not Triton's ``~/.triton/cache`` on a home directory that
 is often shared and then written by every rank of every node at once: ``TRITON_CACHE_DIR`` if
@@ -28,8 +28,10 @@ from addertrain.config import Config
 from addertrain.console import LOG
 from addertrain.errors import UserError
 
-HELP = ("compile and autotune the Triton adder kernels for a recipe's layer shapes at its micro "
-        "batch, into this node's Triton cache (launch does the same before the first step)")
+HELP = (
+    "compile and autotune the Triton adder kernels for a recipe's layer shapes at its micro "
+    "batch, into this node's Triton cache (launch does the same before the first step)"
+)
 LOCK = "addertrain-warmup.lock"
 
 
@@ -43,17 +45,19 @@ def use_node_cache() -> Path:
         # user's (or a link to one), or their kernels would run in our processes.
         st = path.lstat()
         if path.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise UserError(f"the Triton cache folder {path} is not a private folder of this user "
-                            f"(owner uid {st.st_uid}, mode {st.st_mode & 0o777:o}); remove it, or "
-                            "set TRITON_CACHE_DIR to a folder of your own")
+            raise UserError(
+                f"the Triton cache folder {path} is not a private folder of this user "
+                f"(owner uid {st.st_uid}, mode {st.st_mode & 0o777:o}); remove it, or "
+                "set TRITON_CACHE_DIR to a folder of your own"
+            )
     os.environ["TRITON_CACHE_DIR"] = str(path)
     return path
 
 
 def layer_shapes(cfg: Config) -> list:
     """The distinct adder layer shapes of the recipe's model at its micro batch and image size
-    (``addertrain.bench.kernels.Layer``: N, C, H, W, O, k, stride, padding and a count)."""
-    from addertrain.bench.kernels import adder_layer_shapes
+    (``addertrain.models.shapes.Layer``: N, C, H, W, O, k, stride, padding and a count)."""
+    from addertrain.models.shapes import adder_layer_shapes
 
     return adder_layer_shapes(cfg.model.arch, cfg.train.micro_batch, cfg.data.image_size)
 
@@ -68,8 +72,10 @@ def nothing_to_compile(cfg: Config) -> str | None:
         return "model.backend=reference runs the adder layers without Triton"
     if cfg.train.device == "cpu" or not torch.cuda.is_available():
         if os.environ.get("TRITON_INTERPRET") == "1":
-            return ("no CUDA device here, and the Triton interpreter (TRITON_INTERPRET=1) runs the "
-                    "kernels without compiling them")
+            return (
+                "no CUDA device here, and the Triton interpreter (TRITON_INTERPRET=1) runs the "
+                "kernels without compiling them"
+            )
         return "no CUDA device here: the adder layers run the reference op"
     return None
 
@@ -93,7 +99,8 @@ def warm(shapes: list, device) -> float:
         for layer in shapes:
             n, c, h, w, o, k, stride, padding = layer.shape
             oh, ow = layer.out_hw
-            # The adder layer hands the kernels fp32 whatever the precision (addertrain/nn/adder.py).
+            # The adder layer hands the kernels fp32 whatever the precision
+            # (addertrain/nn/adder.py).
             x = torch.rand(n, c, h, w, device=device)
             weight = torch.rand(o, c, k, k, device=device)
             g = torch.rand(n, o, oh, ow, device=device)
@@ -118,17 +125,24 @@ def before_training(cfg: Config, local_rank: int) -> float | None:
     with _node_lock(cache):
         waited = time.perf_counter() - waited
         seconds = warm(shapes, device)
-    LOG.info(f"Triton kernels ready on {device} for {len(shapes)} layer shapes in {seconds:.1f} s "
-             f"(after {waited:.1f} s waiting for the node's other ranks; cache {cache})")
+    LOG.info(
+        f"Triton kernels ready on {device} for {len(shapes)} layer shapes in {seconds:.1f} s "
+        f"(after {waited:.1f} s waiting for the node's other ranks; cache {cache})"
+    )
     return seconds
 
 
 # -- the command ------------------------------------------------------------------------------
 
+
 def add_arguments(p) -> None:
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/resnet50_imagenet.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value",
-                   help="override recipe values, e.g. train.micro_batch=64")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="override recipe values, e.g. train.micro_batch=64",
+    )
 
 
 def run(args) -> int:
@@ -139,8 +153,10 @@ def run(args) -> int:
         print(f"nothing to compile: {nothing_to_compile(cfg)}")
         return 0
     shapes = layer_shapes(cfg)
-    print(f"{cfg.model.arch}: {len(shapes)} distinct adder layer shapes at micro batch "
-          f"{cfg.train.micro_batch}, {cfg.data.image_size} px")
+    print(
+        f"{cfg.model.arch}: {len(shapes)} distinct adder layer shapes at micro batch "
+        f"{cfg.train.micro_batch}, {cfg.data.image_size} px"
+    )
     for layer in shapes:
         print(f"  {layer.name}  x{layer.count}")
     reason = nothing_to_compile(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -12,8 +13,9 @@ def worker_env() -> None:
     """Settings DeepSpeed needs before it is imported in this process."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR",
-                          os.path.expanduser("~/.cache/addertrain/torch_extensions"))
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/addertrain/torch_extensions")
+    )
     # DeepSpeed unpickles checkpoints with weights_only=False; torch reads this switch on every
     # load, so no file swapped in after checkpoint.verify can run code in a worker either.
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
@@ -35,8 +37,9 @@ def train_worker(cfg_dict: dict) -> None:
     # The run's own latest checkpoint comes first: after a failure Ray restarts the workers
     # with the same arguments, and they must continue, not go back to the launch's start.
     # Whichever it is, Checkpointer.load verifies it here, in the process that unpickles it.
-    start = checkpoint.latest(cfg.run_dir()) or (cfg.checkpoint.resume and
-                                                 checkpoint.find(cfg.checkpoint.resume))
+    start = checkpoint.latest(cfg.run_dir()) or (
+        cfg.checkpoint.resume and checkpoint.find(cfg.checkpoint.resume)
+    )
     if start:
         trainer.resume(start)
     result = trainer.fit()
@@ -45,5 +48,13 @@ def train_worker(cfg_dict: dict) -> None:
     # Only on success: after a failure on one rank a barrier would wait for the others forever.
     if world.is_main:
         result.update(world_size=world.world_size, device=str(world.device))
-        (cfg.run_dir() / "result.json").write_text(json.dumps(result, indent=2))
+        write_result(cfg.run_dir(), result)
     distributed.teardown()
+
+
+def write_result(run_dir: Path, result: dict) -> None:
+    """``run_dir/result.json``, replaced whole: the other ranks of torchrun or srun read it
+    as soon as they pass the teardown barrier, and must never see it half-written."""
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, run_dir / "result.json")

@@ -12,13 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS = 32     # independent accumulator chains per thread: enough to cover the FP32 latency
+ROWS = 32  # independent accumulator chains per thread: enough to cover the FP32 latency
 UNROLL = 4
 
 
 @triton.jit
-def _add_bound_kernel(out_ptr, iters, step, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                      UNROLL: tl.constexpr):
+def _add_bound_kernel(
+    out_ptr, iters, step, ROWS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr
+):
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     v = cols.to(tl.float32)[None, :] * 1e-3 + tl.arange(0, ROWS).to(tl.float32)[:, None]
     acc = tl.zeros([ROWS, BLOCK], tl.float32)
@@ -39,8 +40,9 @@ def launch(programs: int, block: int, iters: int, num_warps: int, device) -> tup
     out = torch.empty(programs * block, device=device, dtype=torch.float32)
 
     def call():
-        _add_bound_kernel[(programs,)](out, iters, 1e-4, ROWS=ROWS, BLOCK=block, UNROLL=UNROLL,
-                                       num_warps=num_warps)
+        _add_bound_kernel[(programs,)](
+            out, iters, 1e-4, ROWS=ROWS, BLOCK=block, UNROLL=UNROLL, num_warps=num_warps
+        )
         return out
 
     return call, elements_per_launch(programs, block, iters)

@@ -1,4 +1,5 @@
-"""Forward adder convolution: ``y[n, o, p] = -sum_k |x_col[n, k, p] - w[o, k]|`` as an implicit GEMM.
+"""Forward adder convolution: ``y[n, o, p] = -sum_k |x_col[n, k, p] - w[o, k]|`` as an implicit
+GEMM.
 
 GEMM view: rows are output pixels (n, oh, ow), columns are output channels o, the reduction
 runs over k = (r, s, c). The unfolded input is never built: each program decodes its rows
@@ -12,23 +13,39 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotune, check_args, load_flat, output, padded_columns, store_flat
+from .common import autotune, check_args, load_flat, output, padded_columns, store_flat
 
 # (TM, TN, GM, GN, BK, num_warps[, maxnreg]): see tile_configs. TN >= TM because a weight load
 # costs one instruction (immediate offsets) and an input load about three (address, padding
 # select). Registers and hot-loop mix per config (sm_90, Triton 3.6): docs/kernels.md.
 TILES = [
-    (8, 16, 16, 8, 2, 4),        # 128 pixels x 128 channels: fewest instructions per element
-    (8, 16, 32, 4, 2, 4),        # 256 x 64: C_out = 64 layers
-    (4, 16, 16, 8, 2, 4),        # 64 x 128: 166 registers, 12 warps per SM
-    (4, 16, 16, 8, 2, 4, 128),   # the same capped at 128 registers: 16 warps per SM
-    (4, 16, 32, 4, 2, 4, 128),   # 128 x 64 at 16 warps per SM: C_out = 64 layers
-    (4, 8, 16, 8, 2, 4),         # 64 x 64, 96 registers, 20 warps per SM: the 7x7 stage-4 grids
+    (8, 16, 16, 8, 2, 4),  # 128 pixels x 128 channels: fewest instructions per element
+    (8, 16, 32, 4, 2, 4),  # 256 x 64: C_out = 64 layers
+    (4, 16, 16, 8, 2, 4),  # 64 x 128: 166 registers, 12 warps per SM
+    (4, 16, 16, 8, 2, 4, 128),  # the same capped at 128 registers: 16 warps per SM
+    (4, 16, 32, 4, 2, 4, 128),  # 128 x 64 at 16 warps per SM: C_out = 64 layers
+    (4, 8, 16, 8, 2, 4),  # 64 x 64, 96 registers, 20 warps per SM: the 7x7 stage-4 grids
 ]
-INTERPRETER_TILE = (2, 4, 8, 16, 2, 4)   # 16 x 64 tiles: few programs, still tails in tests
+INTERPRETER_TILE = (2, 4, 8, 16, 2, 4)  # 16 x 64 tiles: few programs, still tails in tests
 
-SHAPE_ARGS = ["N", "C", "H", "W", "O", "OH", "OW", "OP",
-              "sxn", "sxc", "sxh", "sxw", "syn", "syo", "syh", "syw"]
+SHAPE_ARGS = [
+    "N",
+    "C",
+    "H",
+    "W",
+    "O",
+    "OH",
+    "OW",
+    "OP",
+    "sxn",
+    "sxc",
+    "sxh",
+    "sxw",
+    "syn",
+    "syo",
+    "syh",
+    "syw",
+]
 
 
 @triton.jit
@@ -43,11 +60,35 @@ def _accumulate(acc, xs, xoff, inside, ws, cols, PAD: tl.constexpr):
 
 @autotune(TILES, INTERPRETER_TILE, "O")
 @triton.jit(do_not_specialize=SHAPE_ARGS)
-def _forward_kernel(x_ptr, w_ptr, y_ptr, N, C, H, W, O, OH, OW, OP,
-                    sxn, sxc, sxh, sxw, syn, syo, syh, syw,
-                    KH: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                    TM: tl.constexpr, TN: tl.constexpr, GM: tl.constexpr, GN: tl.constexpr,
-                    BK: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    N,
+    C,
+    H,
+    W,
+    O,
+    OH,
+    OW,
+    OP,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    syn,
+    syo,
+    syh,
+    syw,
+    KH: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD: tl.constexpr,
+    TM: tl.constexpr,
+    TN: tl.constexpr,
+    GM: tl.constexpr,
+    GN: tl.constexpr,
+    BK: tl.constexpr,
+):
     # Thread t of the GM*GN threads owns rows i*GM + t//GN (i < TM) and columns j*GN + t%GN
     # (j < TN): a TM x TN register tile per thread, the only tensor that lives across the loop.
     t = tl.arange(0, GM * GN)
@@ -67,8 +108,11 @@ def _forward_kernel(x_ptr, w_ptr, y_ptr, N, C, H, W, O, OH, OW, OP,
             iw = ow * STRIDE - PAD + s
             inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             # Clamped so every load is in bounds; padded taps are zeroed after the load.
-            xoff = (n * sxn + tl.minimum(tl.maximum(ih, 0), H - 1) * sxh
-                    + tl.minimum(tl.maximum(iw, 0), W - 1) * sxw)
+            xoff = (
+                n * sxn
+                + tl.minimum(tl.maximum(ih, 0), H - 1) * sxh
+                + tl.minimum(tl.maximum(iw, 0), W - 1) * sxw
+            )
             ws = w_ptr + (r * KH + s) * C * OP
             xs = x_ptr
             for _ in range(0, c_full, BK):
@@ -93,8 +137,9 @@ def weight_columns(w: torch.Tensor) -> torch.Tensor:
     return wt
 
 
-def forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def forward(
+    x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``-sum_k |x_col - w|`` in x's dtype and memory format (fp32 accumulation)."""
     oh, ow = check_args(x, w, stride, padding)
     n, c, h, wd = x.shape
@@ -108,6 +153,22 @@ def forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int,
     def grid(meta):
         return (triton.cdiv(m, meta["TM"] * meta["GM"]), triton.cdiv(o, meta["TN"] * meta["GN"]))
 
-    _forward_kernel[grid](x, wt, y, n, c, h, wd, o, oh, ow, wt.shape[1],
-                          *x.stride(), *y.stride(), KH=kh, STRIDE=stride, PAD=padding)
+    _forward_kernel[grid](
+        x,
+        wt,
+        y,
+        n,
+        c,
+        h,
+        wd,
+        o,
+        oh,
+        ow,
+        wt.shape[1],
+        *x.stride(),
+        *y.stride(),
+        KH=kh,
+        STRIDE=stride,
+        PAD=padding,
+    )
     return y

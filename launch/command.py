@@ -22,87 +22,49 @@ HELP = "train a recipe (YAML) with optional key.path=value overrides"
 
 def add_arguments(p) -> None:
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/digits.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value",
-                   help="override recipe values, e.g. optim.lr=0.05 train.precision=bf16")
-    p.add_argument("--smoke", action="store_true",
-                   help="a few steps of the recipe on one device (synthetic data if the dataset "
-                        "is absent) with a pass/fail verdict, img/s and peak memory")
-    p.add_argument("--address", help="Ray cluster to join (host:port or 'auto'); default: "
-                                     "distributed.ray_address, else an embedded local cluster")
-    p.add_argument("--resume", default="auto", metavar="auto|PATH|none",
-                   help="auto (default): continue from the run directory's latest checkpoint if "
-                        "there is one; PATH: start from that checkpoint (or run directory); "
-                        "none: a fresh start")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="override recipe values, e.g. optim.lr=0.05 train.precision=bf16",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps of the recipe on one device (synthetic data if the dataset "
+        "is absent) with a pass/fail verdict, img/s and peak memory",
+    )
+    p.add_argument(
+        "--address",
+        help="Ray cluster to join (host:port or 'auto'); default: "
+        "distributed.ray_address, else an embedded local cluster",
+    )
+    p.add_argument(
+        "--resume",
+        default="auto",
+        metavar="auto|PATH|none",
+        help="auto (default): continue from the run directory's latest checkpoint if "
+        "there is one; PATH: start from that checkpoint (or run directory); "
+        "none: a fresh start",
+    )
     talk = p.add_mutually_exclusive_group()
-    talk.add_argument("-q", "--quiet", action="store_true",
-                      help="print only warnings, errors and the result")
-    talk.add_argument("-v", "--verbose", action="store_true",
-                      help="also print Ray's and Ray Train's information lines, with each "
-                           "worker's prefix")
-    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
-                   help="resume although the recipe changed KEY (a key or section, e.g. "
-                        "schedule.epochs); repeatable")
-
-
-def prepare_data(cfg: config.Config, training: bool = True) -> list[str] | None:
-    """Build a missing dataset the recipe knows how to make, then check what the run will read
-    (the layout, and the first bytes of the files: run.data_check) and, when training, that
-    the run directory takes writes, so that bad input stops the run before any worker starts.
-    ``training`` False: the run only evaluates, and reads the validation split alone."""
-    if training:
-        from addertrain.storage import check_writable
-
-        check_writable(cfg.run_dir())
-    if cfg.data.source != "folder":
-        if training:
-            # SyntheticLoader drops a ragged tail: an epoch is size // global_batch steps
-            check_epoch_fits(cfg, cfg.data.synthetic.train_size, full_batches_only=True)
-        return None
-    root = Path(cfg.data.root).expanduser()
-    if cfg.data.prepare == "digits" and not root.exists():
-        from addertrain.data.digits import prepare_digits
-
-        LOG.info(f"preparing the digits dataset in {root}")
-        prepare_digits(root, cfg.data.image_size)
-    from addertrain.data.check import SAMPLE, quick_check
-    from addertrain.data.folder import class_names
-
-    d = cfg.data
-    start = time.perf_counter()
-    found = quick_check(root, d.train_split, d.val_split,
-                        read=(d.train_split, d.val_split) if training else (d.val_split,),
-                        sample=SAMPLE if cfg.run.data_check == "sample" else None)
-    LOG.info(f"dataset {root}: {found['images'][d.train_split]} training and "
-             f"{found['images'][d.val_split]} validation images; opened {found['checked']} in "
-             f"{time.perf_counter() - start:.1f} s (run.data_check={cfg.run.data_check})")
-    classes = class_names(root, d.train_split)
-    if len(classes) != cfg.model.num_classes:
-        raise UserError(f"{root / d.train_split} has {len(classes)} class folders but "
-                        f"model.num_classes is {cfg.model.num_classes}; set model.num_classes="
-                        f"{len(classes)} or point data.root at the intended dataset")
-    if training:
-        check_epoch_fits(cfg, found["images"][d.train_split], full_batches_only=False)
-        from addertrain.data.folder import write_index
-
-        start = time.perf_counter()
-        write_index(cfg.data.root, (d.train_split, d.val_split), cfg.run_dir())
-        LOG.info(f"dataset indexed for the workers in {time.perf_counter() - start:.1f} s")
-    return classes
-
-
-def check_epoch_fits(cfg: config.Config, images: int, full_batches_only: bool) -> None:
-    """An epoch must hold at least one optimizer step; the trainer cannot schedule less.
-    ``full_batches_only``: the loader drops a ragged tail instead of padding it."""
-    from addertrain.data.sharding import steps_per_epoch
-    from addertrain.engine import batch_split
-
-    workers = cfg.distributed.workers
-    micro, accum = batch_split(cfg, workers)
-    steps = images // (micro * workers) if full_batches_only else steps_per_epoch(images, workers, micro)
-    if steps < accum:
-        raise UserError(f"the training data has {images} images, less than one optimizer step of "
-                        f"train.global_batch={cfg.train.global_batch}; lower train.global_batch "
-                        f"to {images} or less, or use more data")
+    talk.add_argument(
+        "-q", "--quiet", action="store_true", help="print only warnings, errors and the result"
+    )
+    talk.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print Ray's and Ray Train's information lines, with each worker's prefix",
+    )
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="resume although the recipe changed KEY (a key or section, e.g. "
+        "schedule.epochs); repeatable",
+    )
 
 
 def worker_device_type(cfg: config.Config) -> str:
@@ -150,11 +112,15 @@ def check_address(cfg: config.Config, address: str | None, smoke: bool) -> None:
     """``--address`` only means something to the Ray executor: never drop it silently."""
     if address and cfg.distributed.executor == "local":
         if smoke:
-            raise UserError(f"--address {address} joins a Ray cluster, but --smoke runs on one "
-                            "local device; drop --address")
-        raise UserError(f"--address {address} joins a Ray cluster, but distributed.executor=local "
-                        "runs the worker in this process; drop --address, or set "
-                        "distributed.executor=ray")
+            raise UserError(
+                f"--address {address} joins a Ray cluster, but --smoke runs on one "
+                "local device; drop --address"
+            )
+        raise UserError(
+            f"--address {address} joins a Ray cluster, but distributed.executor=local "
+            "runs the worker in this process; drop --address, or set "
+            "distributed.executor=ray"
+        )
 
 
 def execute(cfg: config.Config, address: str | None = None) -> None:
@@ -182,6 +148,8 @@ def run(args) -> int:
     cfg.run.dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
     if cfg.data.root:
         cfg.data.root = os.path.abspath(os.path.expanduser(cfg.data.root))
+    if cfg.distill.teacher:
+        cfg.distill.teacher = os.path.abspath(os.path.expanduser(cfg.distill.teacher))
     notes = []
     if args.smoke:
         from addertrain import smoke
@@ -190,10 +158,7 @@ def run(args) -> int:
         for note in notes:
             LOG.info(f"smoke: {note}")
     check_address(cfg, args.address, args.smoke)
-    from addertrain.engine import batch_split, check_precision
-
-    batch_split(cfg, cfg.distributed.workers)
-    check_precision(cfg, worker_device_type(cfg))
+    cfg.check_device(worker_device_type(cfg))
     from addertrain.distributed import launcher_rank
 
     if launcher_rank() != 0:  # another rank of torchrun/srun: rank 0 holds the lock
@@ -218,7 +183,15 @@ def train(cfg: config.Config, args, notes: list[str]) -> int:
     """Everything that writes to the run directory; the caller holds its lock."""
     preempt.clear(cfg.run_dir())
     preempt.install_handlers(cfg.run_dir())
+    from addertrain.data.prepare import prepare_data
+
     classes = prepare_data(cfg)
+    if cfg.distill.teacher:
+        import torch
+
+        from addertrain import distill
+
+        distill.Teacher(cfg, torch.device("cpu"))  # readable, and fits the student
     choose_start(cfg, args.resume, args.allow_change, args.smoke)
     run_dir = start_run_dir(cfg)
     if classes:
@@ -231,10 +204,18 @@ def train(cfg: config.Config, args, notes: list[str]) -> int:
     wall = time.perf_counter() - start
     result = json.loads((run_dir / "result.json").read_text())
     result.update(wall_s=round(wall, 1), notes=notes)
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    from addertrain.distributed import launcher_rank
+
+    if launcher_rank() == 0:  # the other ranks of torchrun or srun only read it
+        from addertrain.worker import write_result
+
+        write_result(run_dir, result)
     if result["status"] == "preempted":
-        print(f"checkpointed at step {result['steps']} and stopped on request; continue with "
-              f"--resume auto (exit code {preempt.EXIT_CODE})", flush=True)
+        print(
+            f"checkpointed at step {result['steps']} and stopped on request; continue with "
+            f"--resume auto (exit code {preempt.EXIT_CODE})",
+            flush=True,
+        )
         return preempt.EXIT_CODE
     ev = result["eval"]
     print(f"done in {wall:.0f} s: {result['steps']} steps, {eval_line(ev)}", flush=True)
@@ -244,7 +225,9 @@ def train(cfg: config.Config, args, notes: list[str]) -> int:
 
     ok, problems = smoke.verdict(MetricsLog(run_dir, True).read(), result)
     images = result["steps"] * cfg.train.global_batch
-    print(f"smoke: {images / wall:.1f} img/s overall (startup included), peak memory "
-          f"{result['peak_memory_bytes'] / 2**20:.0f} MiB on {result['device']}")
+    print(
+        f"smoke: {images / wall:.1f} img/s overall (startup included), peak memory "
+        f"{result['peak_memory_bytes'] / 2**20:.0f} MiB on {result['device']}"
+    )
     print("smoke: PASS" if ok else "smoke: FAIL: " + "; ".join(problems), flush=True)
     return 0 if ok else 1

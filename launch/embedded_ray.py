@@ -58,22 +58,32 @@ def cluster(num_cpus: int, num_gpus: int | None, **init_kwargs):
     """Start the cluster, yield its GCS address, stop it and remove its files."""
     private = Path(tempfile.mkdtemp(prefix="ray-"))  # mode 700
     try:
-        with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
-                      RAY_AUTH_TOKEN=secrets.token_hex(32)):
+        with _environ(
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=secrets.token_hex(32),
+        ):
             import ray
 
             # "local": a new cluster even if RAY_ADDRESS names another one
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-                     include_dashboard=False, _temp_dir=str(private / "r"),
-                     runtime_env={"worker_process_setup_hook": f"{__name__}.worker_setup"},
-                     **init_kwargs)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=False,
+                _temp_dir=str(private / "r"),
+                runtime_env={"worker_process_setup_hook": f"{__name__}.worker_setup"},
+                **init_kwargs,
+            )
             try:
                 address = ray.get_runtime_context().gcs_address
                 if not address.startswith(LOOPBACK + ":"):
                     # Ray was imported before the switch above was set: refuse to serve on
                     # every interface rather than carry on.
-                    raise RuntimeError(f"the embedded Ray cluster came up on {address}, not "
-                                       f"{LOOPBACK}; import ray only after embedded_ray.cluster")
+                    raise RuntimeError(
+                        f"the embedded Ray cluster came up on {address}, not "
+                        f"{LOOPBACK}; import ray only after embedded_ray.cluster"
+                    )
                 with _environ(RAY_ADDRESS=address):
                     yield address
             finally:

@@ -33,7 +33,9 @@ NOT_FORWARDED = ("CUDA_VISIBLE_DEVICES",)
 
 
 def forwarded(name: str) -> bool:
-    return name not in NOT_FORWARDED and (name in FORWARD_NAMES or name.startswith(FORWARD_PREFIXES))
+    return name not in NOT_FORWARDED and (
+        name in FORWARD_NAMES or name.startswith(FORWARD_PREFIXES)
+    )
 
 
 def forwarded_env() -> dict[str, str]:
@@ -59,10 +61,12 @@ def check(cfg: Config, token: str, rank: int, node: str) -> None:
     if found != token:
         what = "finds no" if found is None else "finds another launch's"
         raise UserError(
-            f"worker rank {rank} on node {node} {what} {TOKEN_FILE} in the run directory {run_dir}: "
+            f"worker rank {rank} on node {node} {what} {TOKEN_FILE} "
+            f"in the run directory {run_dir}: "
             "it does not see the folder this launch wrote. The run directory holds the checkpoints "
             "of every rank and must be one folder on storage every node shares (NFS, Lustre, ...); "
-            "set run.dir to a path mounted on every node")
+            "set run.dir to a path mounted on every node"
+        )
     d = cfg.data
     if d.source == "folder":
         for split in (d.train_split, d.val_split):
@@ -72,7 +76,8 @@ def check(cfg: Config, token: str, rank: int, node: str) -> None:
                     f"worker rank {rank} on node {node} does not see the dataset folder {folder} "
                     f"(data.root={d.root}), which the launch checked on its own node; every node "
                     "must see the same dataset at the same path (shared storage, or a copy on each "
-                    "node): fix the mount, or set data.root to a path every node has")
+                    "node): fix the mount, or set data.root to a path every node has"
+                )
 
 
 def report(cfg: Config, rank: int, node: str) -> Path:
@@ -82,8 +87,17 @@ def report(cfg: Config, rank: int, node: str) -> Path:
     folder = cfg.run_dir() / REPORTS
     folder.mkdir(exist_ok=True)
     path = folder / f"rank{rank}.json"
-    path.write_text(json.dumps({
-        "rank": rank, "node": node, "pid": os.getpid(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "gpus": torch.cuda.device_count(), "env": dict(sorted(forwarded_env().items()))}, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "node": node,
+                "pid": os.getpid(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "gpus": torch.cuda.device_count(),
+                "env": dict(sorted(forwarded_env().items())),
+            },
+            indent=2,
+        )
+    )
     return path

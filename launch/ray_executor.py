@@ -27,11 +27,13 @@ from addertrain.launch import nodes
 def worker_env_vars(cfg: Config) -> dict[str, str]:
     """Environment every worker needs before DeepSpeed, DALI or NCCL are imported: the
     launch's own by prefix (launch/nodes.py), and settings of ours."""
-    env = {"TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/addertrain/torch_extensions"),
-           **nodes.forwarded_env(),
-           # Ray Train's print patch tees into Ray's own stdout capture: every line twice
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-           console.ENV: str(console.verbosity())}
+    env = {
+        "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/addertrain/torch_extensions"),
+        **nodes.forwarded_env(),
+        # Ray Train's print patch tees into Ray's own stdout capture: every line twice
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        console.ENV: str(console.verbosity()),
+    }
     if cfg.distributed.gpus_per_worker == 0:
         env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -42,20 +44,24 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Ray retries an unreachable address for minutes; a plain TCP connect answers in seconds."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
-        raise UserError(f"Ray address {address!r} must look like host:port (or 'auto' inside a "
-                        "Ray or Slurm allocation)")
+        raise UserError(
+            f"Ray address {address!r} must look like host:port (or 'auto' inside a "
+            "Ray or Slurm allocation)"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
-        raise UserError(f"nothing answers at the Ray address {address} ({e.strerror or e}); start the "
-                        "cluster first (ray start --head, or slurm/submit.sh) or fix the address") from None
+        raise UserError(
+            f"nothing answers at the Ray address {address} ({e.strerror or e}); start the "
+            "cluster first (ray start --head, or slurm/submit.sh) or fix the address"
+        ) from None
 
 
 @contextlib.contextmanager
-def _cluster(address: str | None, cfg: Config):
-    """Join ``address``, or run on an embedded cluster for the duration."""
+def cluster(address: str | None, cfg: Config):
+    """Join ``address``, or run on an embedded cluster for the duration; yields the address."""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # a caller's (tests)
-        yield
+        yield sys.modules["ray"].get_runtime_context().gcs_address
         return
     if address:
         import ray
@@ -66,10 +72,12 @@ def _cluster(address: str | None, cfg: Config):
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         except Exception as e:  # Ray raises several types for a refused or unauthenticated join
             raise UserError(
-                f"cannot join the Ray cluster at {address}: {type(e).__name__}: {str(e).splitlines()[0]}. "
+                f"cannot join the Ray cluster at {address}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0]}. "
                 "Check the address, that the cluster is up, and that this client has the cluster's "
-                "auth token (RAY_AUTH_MODE=token with the token file, see the README)") from None
-        yield
+                "auth token (RAY_AUTH_MODE=token with the token file, see the README)"
+            ) from None
+        yield address
         return
     from addertrain.launch import embedded_ray
 
@@ -77,8 +85,10 @@ def _cluster(address: str | None, cfg: Config):
     # out GPU ids that do not exist.
     have = machine_resources()
     _check_fits(cfg, have, "this machine")
-    with embedded_ray.cluster(num_cpus=have["CPU"], num_gpus=have["GPU"], logging_level="WARNING"):
-        yield
+    with embedded_ray.cluster(
+        num_cpus=have["CPU"], num_gpus=have["GPU"], logging_level="WARNING"
+    ) as embedded:
+        yield embedded
 
 
 def machine_resources() -> dict[str, int]:
@@ -100,7 +110,8 @@ def _check_fits(cfg: Config, have: dict, where: str) -> None:
                 f"({d.cpus_per_worker:g} CPU, {d.gpus_per_worker:g} GPU each) but {where} has "
                 f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; lower "
                 f"distributed.workers or the per-worker resources (distributed.gpus_per_worker=0 "
-                "trains on CPUs)")
+                "trains on CPUs)"
+            )
 
 
 def _check_resources(cfg: Config) -> None:
@@ -167,7 +178,7 @@ def _driver_console() -> None:
 
 def run(cfg: Config, address: str | None) -> None:
     _driver_console()
-    with _cluster(address, cfg):  # first: the embedded cluster must set up before ray loads
+    with cluster(address, cfg):  # first: the embedded cluster must set up before ray loads
         from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -184,18 +195,22 @@ def run(cfg: Config, address: str | None) -> None:
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={"cfg": cfg.to_dict(), "run_token": token},
-            scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=use_gpu,
-                                         resources_per_worker=resources),
+            scaling_config=ScalingConfig(
+                num_workers=d.workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            # The run directory is the Ray experiment directory, so the checkpoints the
-            # workers report from run_dir/checkpoints are Ray's without a copy.
+            # The run directory is the Ray experiment directory. No checkpoint is reported
+            # to Ray Train: addertrain.checkpoint alone keeps them (docs/resume.md).
             run_config=RunConfig(
-                name=run_dir.name, storage_path=str(run_dir.parent),
+                name=run_dir.name,
+                storage_path=str(run_dir.parent),
                 failure_config=FailureConfig(max_failures=d.max_failures),
                 worker_runtime_env={"env_vars": worker_env_vars(cfg)},
                 # Ray Train's INFO lines (placement, each failure decision with the worker's
                 # traceback) are noise next to our progress; its warnings stay.
                 logging_config=LoggingConfig(
-                    log_level="INFO" if console.verbosity() > 0 else "WARNING")),
+                    log_level="INFO" if console.verbosity() > 0 else "WARNING"
+                ),
+            ),
         )
         _fit(trainer)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Creates .venv with addertrain (editable) and the CPU development stack.
-# Idempotent: a second run only checks that everything is installed.
+# Idempotent: a second run only checks that everything is installed (the import list includes
+# the dev tools, so a venv made before one of them was declared gets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import addertrain, deepspeed, ray, nvidia.dali, triton, sklearn" 2>/dev/null; then
+if ! .venv/bin/python -c "import addertrain, deepspeed, ray, nvidia.dali, triton, sklearn, psutil, mlxtend, ruff, tensorboardX" 2>/dev/null; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -c constraints/cpu-dev.txt torch==2.13.0
     .venv/bin/python -m pip install -q -c constraints/cpu-dev.txt -e '.[cuda12,dev]'

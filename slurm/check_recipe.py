@@ -13,7 +13,6 @@ import argparse
 import sys
 
 from addertrain import config
-from addertrain.engine import batch_split, check_precision
 from addertrain.errors import UserError
 from addertrain.launch.command import worker_device_type
 
@@ -31,15 +30,18 @@ def device_type(cfg: config.Config, gpus_per_node: int | None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gpus-per-node", type=int, metavar="G",
-                   help="the job's GPUs per node, when checking away from its nodes")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        metavar="G",
+        help="the job's GPUs per node, when checking away from its nodes",
+    )
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = p.parse_args()
     try:
         cfg = config.load(args.recipe, args.overrides)
-        batch_split(cfg, cfg.distributed.workers)
-        check_precision(cfg, device_type(cfg, args.gpus_per_node))
+        cfg.check_device(device_type(cfg, args.gpus_per_node))
     except UserError as e:
         print(f"addertrain: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -12,7 +12,6 @@ addertrain.sbatch exports.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 import time
@@ -44,25 +43,33 @@ class Waiter:
         """Give up when a watched process died or the time is over."""
         dead = [pid for pid in self.args.watch if not running(pid)]
         if dead:
-            fail(f"the Ray start step (pid {', '.join(map(str, dead))}) exited while waiting for "
-                 f"{waiting_for}; its error is in the job output above")
+            fail(
+                f"the Ray start step (pid {', '.join(map(str, dead))}) exited while waiting for "
+                f"{waiting_for}; its error is in the job output above"
+            )
         if time.monotonic() > self.deadline:
-            fail(f"timed out after {self.args.timeout:g} s waiting for {waiting_for}; raise "
-                 "ADDERTRAIN_JOIN_TIMEOUT if the nodes are slow to start, otherwise see the Ray "
-                 "errors in the job output above")
+            fail(
+                f"timed out after {self.args.timeout:g} s waiting for {waiting_for}; raise "
+                "ADDERTRAIN_JOIN_TIMEOUT if the nodes are slow to start, otherwise see the Ray "
+                "errors in the job output above"
+            )
 
 
 def fail(message: str) -> None:
-    print(f"addertrain-slurm: error: {socket.gethostname()}: {message}", file=sys.stderr,
-          flush=True)
+    print(
+        f"addertrain-slurm: error: {socket.gethostname()}: {message}", file=sys.stderr, flush=True
+    )
     sys.exit(1)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--address", required=True, help="the Ray head, HOST:PORT")
-    p.add_argument("--nodes", type=int,
-                   help="how many nodes must join; without it, wait only for the head to listen")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        help="how many nodes must join; without it, wait only for the head to listen",
+    )
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait in all")
     p.add_argument("--watch", type=int, nargs="*", default=[], help="PIDs that must stay alive")
     args = p.parse_args()
@@ -81,12 +88,16 @@ def main() -> None:
     while True:
         joined = sorted(n["NodeManagerHostname"] for n in ray.nodes() if n["Alive"])
         if len(joined) >= args.nodes:
-            print(f"addertrain-slurm: {time.strftime('%H:%M:%S')} all {args.nodes} Ray nodes "
-                  f"joined: {' '.join(joined)}", flush=True)
+            print(
+                f"addertrain-slurm: {time.strftime('%H:%M:%S')} all {args.nodes} Ray nodes "
+                f"joined: {' '.join(joined)}",
+                flush=True,
+            )
             ray.shutdown()
             return
-        waiter.check(f"{args.nodes} Ray nodes to join ({len(joined)} so far: "
-                     f"{' '.join(joined) or 'none'})")
+        waiter.check(
+            f"{args.nodes} Ray nodes to join ({len(joined)} so far: {' '.join(joined) or 'none'})"
+        )
         time.sleep(1)
 
 

@@ -1,7 +1,10 @@
-"""Test settings: the CPU path runs the real Triton (interpreter), DeepSpeed (gloo) and DALI code."""
+"""Test settings: the CPU path runs the real Triton (interpreter), DeepSpeed (gloo) and DALI
+code; :func:`cli` runs the command in a child process, for every test file."""
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +19,27 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+
+
+def cli_command(*args) -> list[str]:
+    """The command line of ``addertrain ARGS`` from this checkout, for a child process."""
+    return [sys.executable, "-m", "addertrain.cli", *map(str, args)]
+
+
+def cli(
+    *args, env: dict | None = None, cwd=ROOT, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run ``addertrain ARGS`` in a child process (what a user types, exit code included);
+    ``env`` adds to this process's environment. Test files import it:
+    ``from conftest import cli``."""
+    return subprocess.run(
+        cli_command(*args),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def pytest_collection_modifyitems(config, items):

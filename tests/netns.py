@@ -50,7 +50,9 @@ def check_available() -> None:
     if os.geteuid() != 0:
         raise NetnsUnavailable("network namespaces need root (ip netns add)")
     if not shutil.which("ip"):
-        raise NetnsUnavailable("the ip command (iproute2) is not installed: apt-get install iproute2")
+        raise NetnsUnavailable(
+            "the ip command (iproute2) is not installed: apt-get install iproute2"
+        )
     probe = f"{PREFIX}probe{os.getpid()}"
     r = _ip("netns", "add", probe, check=False)
     if r.returncode:
@@ -70,10 +72,25 @@ class Host:
         hosts file, and each folder of ``mounts`` mounted on the path it maps to (private to
         ``cmd`` and its children)."""
         binds = [str(p) for src, dst in (mounts or {}).items() for p in (src, dst)]
-        return ["unshare", "--mount", "--uts", "--propagation", "private",
-                "nsenter", f"--net=/run/netns/{self.netns}", "sh", "-c", ON_HOST, "sh",
-                str(ETC_NETNS / self.netns / "hosts"), "/etc/hosts", *binds, "--", self.name,
-                *cmd]
+        return [
+            "unshare",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "nsenter",
+            f"--net=/run/netns/{self.netns}",
+            "sh",
+            "-c",
+            ON_HOST,
+            "sh",
+            str(ETC_NETNS / self.netns / "hosts"),
+            "/etc/hosts",
+            *binds,
+            "--",
+            self.name,
+            *cmd,
+        ]
 
     def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
         kw.setdefault("capture_output", True)
@@ -83,8 +100,13 @@ class Host:
     def start(self, cmd: list[str], log: Path, **kw) -> subprocess.Popen:
         """A long-running process on this host, its output in ``log``; stopped by ``close``."""
         with open(log, "ab") as out:
-            p = subprocess.Popen(self.command(cmd), stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True, **kw)
+            p = subprocess.Popen(
+                self.command(cmd),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **kw,
+            )
         self.procs.append(p)
         return p
 
@@ -102,8 +124,9 @@ class Hosts:
         tag = os.getpid() % 100000
         self.subnet = f"10.203.{tag % 250 + 1}"
         self.bridge = f"{PREFIX}{tag}"
-        self.hosts = [Host(f"n{i}", f"{PREFIX}{tag}-{i}", f"{self.subnet}.{i + 1}")
-                      for i in range(count)]
+        self.hosts = [
+            Host(f"n{i}", f"{PREFIX}{tag}-{i}", f"{self.subnet}.{i + 1}") for i in range(count)
+        ]
         try:
             self._build()
         except BaseException:
@@ -161,4 +184,3 @@ class Hosts:
             shutil.rmtree(ETC_NETNS / h.netns, ignore_errors=True)
         _ip("link", "del", self.bridge, check=False)
         return sorted(pids)
-

@@ -25,8 +25,18 @@ import time
 from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "munge", "slurm-client")
-PROGRAMS = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel",
-            "squeue", "sinfo")
+PROGRAMS = (
+    "munged",
+    "munge",
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "srun",
+    "scontrol",
+    "scancel",
+    "squeue",
+    "sinfo",
+)
 DAEMONS = ("munged", "slurmctld", "slurmscriptd", "slurmd", "slurmstepd")
 NODE = "localhost"
 # Logical CPUs of the test node (config_overrides lets it exceed the real count):
@@ -46,10 +56,13 @@ def install() -> None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise ClusterError(
             f"Slurm programs {missing} are missing; install the Debian packages "
-            f"{' '.join(PACKAGES)} (the tests do it themselves when run as root with apt-get)")
+            f"{' '.join(PACKAGES)} (the tests do it themselves when run as root with apt-get)"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+    ):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode:
             raise ClusterError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
@@ -78,7 +91,7 @@ def daemon_pids() -> set[int]:
                 stat = (proc / "stat").read_text()
             except OSError:
                 continue
-            comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+            comm, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
             if comm in DAEMONS and state != "Z":
                 pids.add(int(proc.name))
     return pids
@@ -131,14 +144,20 @@ class SlurmCluster:
             self._start_munge()
             self._write_conf()
             self._spawn("slurmctld", self._on_first(["slurmctld", "-D", "-f", str(self.conf)]))
-            self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0,
-                       timeout, "slurmctld to answer scontrol ping")
+            self._wait(
+                lambda: self.run("scontrol", "ping", check=False).returncode == 0,
+                timeout,
+                "slurmctld to answer scontrol ping",
+            )
             for i, (name, _) in enumerate(self.nodes):
                 cmd = ["slurmd", "-D", "-N", name, "-f", str(self.conf)]
                 self._spawn(f"slurmd-{name}", self._on_node(i, cmd) if self.hosts else cmd)
             names = [name for name, _ in self.nodes]
-            self._wait(lambda: all(self.node_state(n) == "idle" for n in names), timeout,
-                       f"nodes {', '.join(names)} to be idle")
+            self._wait(
+                lambda: all(self.node_state(n) == "idle" for n in names),
+                timeout,
+                f"nodes {', '.join(names)} to be idle",
+            )
         except BaseException:
             self.stop()
             raise
@@ -149,16 +168,34 @@ class SlurmCluster:
         key = d / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self._spawn("munged", [
-            "munged", "--foreground", "--force", f"--key-file={key}", f"--socket={self.socket}",
-            f"--pid-file={d / 'munged.pid'}", f"--log-file={self.dir / 'munged.log'}",
-            f"--seed-file={d / 'munged.seed'}", "--num-threads=2"])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={self.socket}",
+                f"--pid-file={d / 'munged.pid'}",
+                f"--log-file={self.dir / 'munged.log'}",
+                f"--seed-file={d / 'munged.seed'}",
+                "--num-threads=2",
+            ],
+        )
 
         def works():
             cred = self.run("munge", "-n", "-S", str(self.socket), check=False)
-            return cred.returncode == 0 and subprocess.run(
-                ["unmunge", "-S", str(self.socket)], input=cred.stdout, capture_output=True,
-                text=True).returncode == 0
+            return (
+                cred.returncode == 0
+                and subprocess.run(
+                    ["unmunge", "-S", str(self.socket)],
+                    input=cred.stdout,
+                    capture_output=True,
+                    text=True,
+                ).returncode
+                == 0
+            )
+
         self._wait(works, 30, "munged to encode and decode a credential")
 
     def _on_first(self, cmd: list[str]) -> list[str]:
@@ -177,8 +214,10 @@ class SlurmCluster:
         d = self.dir
         first, first_ip = self.nodes[0]
         controller = first if not self.hosts else f"{first}({first_ip})"
-        nodes = "\n".join(f"NodeName={name} NodeAddr={ip} CPUs={NODE_CPUS} State=UNKNOWN"
-                          for name, ip in self.nodes)
+        nodes = "\n".join(
+            f"NodeName={name} NodeAddr={ip} CPUs={NODE_CPUS} State=UNKNOWN"
+            for name, ip in self.nodes
+        )
         self.conf.write_text(f"""\
 ClusterName=addertrain-test
 SlurmctldHost={controller}
@@ -188,12 +227,12 @@ SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.socket}
-StateSaveLocation={d / 'state'}
-SlurmdSpoolDir={d / 'spool-%n'}
-SlurmctldPidFile={d / 'slurmctld.pid'}
-SlurmdPidFile={d / 'slurmd-%n.pid'}
-SlurmctldLogFile={d / 'slurmctld.log'}
-SlurmdLogFile={d / 'slurmd-%n.log'}
+StateSaveLocation={d / "state"}
+SlurmdSpoolDir={d / "spool-%n"}
+SlurmctldPidFile={d / "slurmctld.pid"}
+SlurmdPidFile={d / "slurmd-%n.pid"}
+SlurmctldLogFile={d / "slurmctld.log"}
+SlurmdLogFile={d / "slurmd-%n.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -212,13 +251,15 @@ JobRequeue=1
 KillWait=10
 MinJobAge=600
 {nodes}
-PartitionName=debug Nodes={','.join(name for name, _ in self.nodes)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={",".join(name for name, _ in self.nodes)} Default=YES \
+MaxTime=INFINITE State=UP
 """)
 
     def _spawn(self, name, cmd):
         log = open(self.dir / f"{name}.out", "wb")
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
 
     def _wait(self, ready, timeout, what):
@@ -226,8 +267,9 @@ PartitionName=debug Nodes={','.join(name for name, _ in self.nodes)} Default=YES
         while time.monotonic() < deadline:
             for name, p in self.procs.items():
                 if p.poll() is not None:
-                    raise ClusterError(f"{name} exited with {p.returncode} while waiting for "
-                                       f"{what}\n{self.logs()}")
+                    raise ClusterError(
+                        f"{name} exited with {p.returncode} while waiting for {what}\n{self.logs()}"
+                    )
             if ready():
                 return
             time.sleep(0.3)
@@ -235,8 +277,13 @@ PartitionName=debug Nodes={','.join(name for name, _ in self.nodes)} Default=YES
 
     # -- use ----------------------------------------------------------------------------
     def run(self, *cmd, check=True, **kw) -> subprocess.CompletedProcess:
-        r = subprocess.run(self._on_first(list(cmd)), env=kw.pop("env", self.env),
-                           capture_output=True, text=True, **kw)
+        r = subprocess.run(
+            self._on_first(list(cmd)),
+            env=kw.pop("env", self.env),
+            capture_output=True,
+            text=True,
+            **kw,
+        )
         if check and r.returncode:
             raise ClusterError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
@@ -274,8 +321,10 @@ PartitionName=debug Nodes={','.join(name for name, _ in self.nodes)} Default=YES
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run("scancel", "--user", "root", check=False, timeout=30)
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and self.run(
-                    "squeue", "-h", check=False, timeout=30).stdout.strip():
+            while (
+                time.monotonic() < deadline
+                and self.run("squeue", "-h", check=False, timeout=30).stdout.strip()
+            ):
                 time.sleep(0.5)
         for name in [f"slurmd-{node}" for node, _ in self.nodes] + ["slurmctld", "munged"]:
             p = self.procs.get(name)

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from addertrain.alr import AdderSGD, param_groups, scales
@@ -50,17 +51,31 @@ def test_step_rescales_adder_gradients_only():
     assert torch.allclose(stem, stem_w0 - lr * (stem_g + wd * stem_w0), atol=1e-7)
 
 
-def test_alr_off_is_plain_sgd():
+@pytest.mark.parametrize("mode,factor", [("fixed", 1.0), ("increased", 50.0)])
+def test_fixed_and_increased_learning_rates(mode, factor):
+    """The paper's ablations of the ALR: the plain schedule, or one constant for every adder
+    layer; the other parameters are untouched either way."""
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=3)
     model(torch.randn(2, 3, 8, 8)).sum().backward()
-    layer = adder_layers(model)[0][1]
-    g, w0 = layer.weight.grad.clone(), layer.weight.detach().clone()
-    AdderSGD(param_groups(model, 0.0), lr=0.1, alr=False).step()
-    assert torch.allclose(layer.weight, w0 - 0.1 * g)
+    layers = [layer for _, layer in adder_layers(model)]
+    stem = model.stem[0].weight
+    params = [layers[0].weight, layers[-1].weight, stem]
+    before = [(p.grad.clone(), p.detach().clone()) for p in params]
+    opt = AdderSGD(param_groups(model, 0.0), lr=0.1, mode=mode, increase=50.0)
+    opt.step()
+    for p, scale, (g, w0) in zip(params, [factor, factor, 1.0], before):
+        assert torch.allclose(p, w0 - 0.1 * scale * g)
+    assert opt.last_scales == {}  # no adaptive scale to report
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="not one of alr, fixed, increased"):
+        AdderSGD(param_groups(create_model("resnet20"), 0.0), lr=0.1, mode="adaptive")
 
 
 # -- ZeRO 1/2: DeepSpeed calls the optimizer once per group; the ALR all-reduces once per step --
+
 
 def _zero_rank(rank: int, store: str, out: str) -> None:
     """One of 2 ranks: a ZeRO 1 then a ZeRO 2 step on the same batch on both ranks (so the
@@ -75,15 +90,19 @@ def _zero_rank(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     results = {}
     for zero in (1, 2):
-        cfg = config.load("recipes/synthetic_tiny.yaml", [
-            f"distributed.zero_stage={zero}", "train.global_batch=8", "train.micro_batch=4"])
+        cfg = config.load(
+            "recipes/synthetic_tiny.yaml",
+            [f"distributed.zero_stage={zero}", "train.global_batch=8", "train.micro_batch=4"],
+        )
         model, images, labels = _model_and_batch()
         opt = AdderSGD(param_groups(model, 1e-3), lr=0.1, momentum=0.9, eta=0.2, clip=0.5)
         ds = engine.initialize(cfg, model, opt, world_size=2)
         ds.backward(torch.nn.functional.cross_entropy(ds(images), labels))
         ds.step()
-        results[zero] = {"summary": opt.summary(),
-                         "weights": {k: v.clone() for k, v in ds.module.state_dict().items()}}
+        results[zero] = {
+            "summary": opt.summary(),
+            "weights": {k: v.clone() for k, v in ds.module.state_dict().items()},
+        }
     if rank == 0:
         torch.save(results, out)
     dist.barrier()

@@ -3,23 +3,30 @@
 import errno
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from addertrain.data.fake import write_fake
 from addertrain.storage import describe_write_error
+from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["recipes/synthetic_tiny.yaml", "data.image_size=8", "train.global_batch=4",
-        "train.micro_batch=4", "train.max_steps=2", "train.eval_interval=0",
-        "logging.progress=false", "distributed.executor=local", "distributed.workers=1"]
+TINY = [
+    "recipes/synthetic_tiny.yaml",
+    "data.image_size=8",
+    "train.global_batch=4",
+    "train.micro_batch=4",
+    "train.max_steps=2",
+    "train.eval_interval=0",
+    "logging.progress=false",
+    "distributed.executor=local",
+    "distributed.workers=1",
+]
 
 
 def launch(*args):
-    return subprocess.run([sys.executable, "-m", "addertrain.cli", "launch", *TINY, *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return cli("launch", *TINY, *args)
 
 
 def assert_user_error(out, *phrases):
@@ -38,7 +45,7 @@ def dataset(tmp_path):
 
 
 def folder(root):
-    return [f"data.source=folder", f"data.root={root}", "model.num_classes=2"]
+    return ["data.source=folder", f"data.root={root}", "model.num_classes=2"]
 
 
 def test_launch_opens_every_file_before_the_workers_start(dataset, tmp_path):
@@ -49,22 +56,26 @@ def test_launch_opens_every_file_before_the_workers_start(dataset, tmp_path):
     (c000 / "gone.JPEG").symlink_to(c000 / "nowhere.JPEG")
     (c000 / "loop.JPEG").symlink_to(c000 / "loop.JPEG")
     out = launch(*folder(dataset), f"run.dir={tmp_path / 'runs'}")
-    assert_user_error(out, f"dataset {dataset} cannot be trained on",
-                      "train/c000/gone.JPEG (missing or a broken symlink)",
-                      "train/c000/loop.JPEG (symlink loop)",
-                      "train/c000/x.JPEG (a folder named like an image)",
-                      "train/c000/empty.JPEG (empty file)",
-                      "val/c001/page.jpg (not an image: starts with 3c 68 74 6d 6c 3e)",
-                      f"Run `addertrain data check {dataset}`")
+    assert_user_error(
+        out,
+        f"dataset {dataset} cannot be trained on",
+        "train/c000/gone.JPEG (missing or a broken symlink)",
+        "train/c000/loop.JPEG (symlink loop)",
+        "train/c000/x.JPEG (a folder named like an image)",
+        "train/c000/empty.JPEG (empty file)",
+        "val/c001/page.jpg (not an image: starts with 3c 68 74 6d 6c 3e)",
+        f"Run `addertrain data check {dataset}`",
+    )
 
 
 def test_an_image_that_fails_to_decode_mid_run_is_named(dataset, tmp_path):
     victim = sorted((dataset / "train" / "c001").iterdir())[1]
     data = victim.read_bytes()
-    victim.write_bytes(data[:len(data) // 2])  # its first bytes still say JPEG: launch passes it
+    victim.write_bytes(data[: len(data) // 2])  # its first bytes still say JPEG: launch passes it
     out = launch(*folder(dataset), f"run.dir={tmp_path / 'runs'}")
-    assert_user_error(out, f"the image decoder failed on {victim} (",
-                      f"`addertrain data check {dataset}`")
+    assert_user_error(
+        out, f"the image decoder failed on {victim} (", f"`addertrain data check {dataset}`"
+    )
 
 
 @pytest.mark.parametrize("source", ["folder", "synthetic"])
@@ -72,11 +83,15 @@ def test_less_data_than_one_step_is_refused(source, dataset, tmp_path):
     data = folder(dataset) if source == "folder" else ["data.synthetic.train_size=12"]
     out = launch(*data, "train.global_batch=16", f"run.dir={tmp_path / 'runs'}")
     images = 8 if source == "folder" else 12
-    assert_user_error(out, f"the training data has {images} images, less than one optimizer step "
-                           f"of train.global_batch=16; lower train.global_batch to {images} or less")
+    assert_user_error(
+        out,
+        f"the training data has {images} images, less than one optimizer step "
+        f"of train.global_batch=16; lower train.global_batch to {images} or less",
+    )
 
 
 # -- the run directory ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def tmpfs(tmp_path):
@@ -86,8 +101,9 @@ def tmpfs(tmp_path):
     def mount(options: str) -> Path:
         point = tmp_path / f"mnt{len(mounted)}"
         point.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-                           capture_output=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True
+        )
         if r.returncode:
             pytest.skip("cannot mount a tmpfs here (needs root)")
         mounted.append(point)
@@ -117,8 +133,11 @@ def test_run_dir_on_a_full_disk(tmpfs):
     with open(disk / "filler", "wb") as f:  # leave two pages: the run lock fits, a checkpoint not
         f.write(b"\0" * (2**20 - 8192))
     out = launch(f"run.dir={disk / 'runs'}")
-    assert_user_error(out, f"no space left for {disk / 'runs' / 'synthetic-tiny'}",
-                      "free space or set run.dir to a larger disk")
+    assert_user_error(
+        out,
+        f"no space left for {disk / 'runs' / 'synthetic-tiny'}",
+        "free space or set run.dir to a larger disk",
+    )
 
 
 def test_checkpoint_on_a_disk_that_fills_up(tmpfs):
@@ -137,8 +156,9 @@ def test_torch_short_write_is_reported_as_a_full_disk(tmpfs):
         torch.save({"w": torch.zeros(100_000)}, disk / "ckpt.pt")
     assert "unexpected pos" in str(err.value)  # what torch says, and what used to reach the user
     message = describe_write_error(err.value, disk / "ckpt.pt")
-    assert message.startswith(f"writing {disk / 'ckpt.pt'} failed part-way, most likely because "
-                              "its disk is full (")
+    assert message.startswith(
+        f"writing {disk / 'ckpt.pt'} failed part-way, most likely because its disk is full ("
+    )
 
 
 def test_write_errors_in_words(tmp_path):
@@ -146,7 +166,8 @@ def test_write_errors_in_words(tmp_path):
     with pytest.raises(OSError) as err:
         (tmp_path / "f" / "run").mkdir(parents=True)
     assert describe_write_error(err.value, tmp_path / "f" / "run") == (
-        f"{tmp_path / 'f'} is a file, not a folder; set run.dir to a folder (or remove the file)")
+        f"{tmp_path / 'f'} is a file, not a folder; set run.dir to a folder (or remove the file)"
+    )
     denied = OSError(errno.EACCES, os.strerror(errno.EACCES))  # root ignores permissions
     assert describe_write_error(denied, tmp_path).startswith(f"no permission to write {tmp_path}")
     assert describe_write_error(ValueError("x"), tmp_path) is None

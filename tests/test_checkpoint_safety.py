@@ -14,12 +14,20 @@ import torch
 
 from addertrain import checkpoint
 from addertrain.errors import UserError
+from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/synthetic_tiny.yaml"
-TINY = ["data.image_size=8", "data.synthetic.train_size=32", "data.synthetic.val_size=16",
-        "train.global_batch=16", "train.micro_batch=16", "train.max_steps=2",
-        "logging.progress=false", "logging.plots=false"]
+TINY = [
+    "data.image_size=8",
+    "data.synthetic.train_size=32",
+    "data.synthetic.val_size=16",
+    "train.global_batch=16",
+    "train.micro_batch=16",
+    "train.max_steps=2",
+    "logging.progress=false",
+    "logging.plots=false",
+]
 MODEL = "mp_rank_00_model_states.pt"
 
 
@@ -31,11 +39,6 @@ class Payload:
 
     def __reduce__(self):
         return pathlib.Path.touch, (pathlib.Path(self.target),)
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "addertrain.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def assert_refused(out, *phrases):
@@ -87,6 +90,7 @@ def launch_args(tmp_path):
 
 # -- launch: the recipe key and an unlisted file ------------------------------------------------
 
+
 def test_recipe_resume_key_is_verified(copy, payload, tmp_path):
     # a checkpoint whose listed model file is a crafted pickle with the recorded size, named by the
     # recipe key: with `--resume auto` and no checkpoint of the run's own, launch checks it as it
@@ -107,8 +111,11 @@ def test_unlisted_pt_file_is_refused_by_launch(copy, payload, tmp_path):
 def test_unlisted_file_of_any_kind_is_refused(copy):
     (copy / "zero").mkdir()
     (copy / "zero" / "notes.txt").write_text("x")
-    with pytest.raises(UserError, match=r"1 file\(s\) that its meta.json does not list "
-                                                   r"\(zero/notes.txt\)"):
+    with pytest.raises(
+        UserError,
+        match=r"1 file\(s\) that its meta.json does not list "
+        r"\(zero/notes.txt\)",
+    ):
         checkpoint.read_meta(copy)
     (copy / "zero" / "notes.txt").unlink()
     checkpoint.read_meta(copy)  # an empty folder holds nothing to load
@@ -127,14 +134,22 @@ def test_workers_load_nothing_but_tensors(tmp_path, payload):
     # DeepSpeed's own torch.load(weights_only=False), after worker_env: a file swapped in after
     # the verification still cannot run code
     craft(tmp_path / "swapped.pt", payload)
-    code = ("import torch; from addertrain.worker import worker_env; worker_env(); "
-            f"torch.load({str(tmp_path / 'swapped.pt')!r}, weights_only=False)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    code = (
+        "import torch; from addertrain.worker import worker_env; worker_env(); "
+        f"torch.load({str(tmp_path / 'swapped.pt')!r}, weights_only=False)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"},
+    )
     assert out.returncode != 0 and "UnpicklingError" in out.stderr, out.stderr[-2000:]
 
 
 # -- eval and export ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("command", ["eval", "export"])
 def test_eval_and_export_refuse_an_unlisted_file(command, copy, payload, tmp_path):
@@ -148,8 +163,9 @@ def test_eval_and_export_refuse_a_crafted_model_file(command, copy, payload, tmp
     craft(copy / MODEL, payload)
     list_sizes(copy)
     extra = ["--data", "synthetic"] if command == "eval" else [str(tmp_path / "out")]
-    assert_refused(cli(command, str(copy), *extra), "cannot be read as tensors",
-                   "Unsupported global")
+    assert_refused(
+        cli(command, str(copy), *extra), "cannot be read as tensors", "Unsupported global"
+    )
 
 
 def test_eval_of_a_pickle_without_a_model_is_an_error(copy):
@@ -159,6 +175,7 @@ def test_eval_of_a_pickle_without_a_model_is_an_error(copy):
 
 
 # -- what DeepSpeed legitimately pickles ---------------------------------------------------------
+
 
 def test_zero_1_checkpoint_verifies_and_resumes(tmp_path):
     # ZeRO optimizer states hold DeepSpeed's loss scaler, ZeRO stage and fragment addresses: plain
@@ -173,19 +190,29 @@ def test_zero_1_checkpoint_verifies_and_resumes(tmp_path):
 
 # -- a resume that changes the model's shapes ---------------------------------------------------
 
+
 def test_allow_change_to_another_architecture_is_an_error(real, tmp_path):
-    out = cli("launch", *launch_args(tmp_path), "model.arch=resnet32", "--allow-change", "model",
-              "--resume", str(real))
+    out = cli(
+        "launch",
+        *launch_args(tmp_path),
+        "model.arch=resnet32",
+        "--allow-change",
+        "model",
+        "--resume",
+        str(real),
+    )
     assert_refused(out, "does not fit this recipe's model", "model.arch")
 
 
 # -- retention ----------------------------------------------------------------------------------
 
+
 def fake_checkpoint(folder: Path, name: str, step: int, top1=None, tag=None) -> Path:
     path = folder / name
     path.mkdir(parents=True)
-    (path / "meta.json").write_text(json.dumps({"step": step, "top1": top1,
-                                                "tag": tag or checkpoint.tag_for(step)}))
+    (path / "meta.json").write_text(
+        json.dumps({"step": step, "top1": top1, "tag": tag or checkpoint.tag_for(step)})
+    )
     return path
 
 
@@ -209,15 +236,21 @@ def test_retention_leaves_copies_and_foreign_folders_alone(tmp_path):
     current = fake_checkpoint(folder, checkpoint.tag_for(20), 20)
     assert checkpoint.retain(folder, 1, 0, current) == [ten]
     assert sorted(p.name for p in folder.iterdir()) == [
-        "backup", checkpoint.tag_for(13), checkpoint.tag_for(20), checkpoint.tag_for(99),
-        "tmp-" + checkpoint.tag_for(14)]
+        "backup",
+        checkpoint.tag_for(13),
+        checkpoint.tag_for(20),
+        checkpoint.tag_for(99),
+        "tmp-" + checkpoint.tag_for(14),
+    ]
     assert json.loads((folder / "backup" / "meta.json").read_text())["step"] == 10
 
 
 def test_retention_keeps_the_newest_and_the_best(tmp_path):
     folder = tmp_path / "checkpoints"
-    made = [fake_checkpoint(folder, checkpoint.tag_for(s), s, top1=t)
-            for s, t in ((5, None), (8, 70.0), (10, None), (15, None), (16, 60.0))]
+    made = [
+        fake_checkpoint(folder, checkpoint.tag_for(s), s, top1=t)
+        for s, t in ((5, None), (8, 70.0), (10, None), (15, None), (16, 60.0))
+    ]
     assert checkpoint.retain(folder, 2, 1, made[-1]) == [made[0], made[2]]
 
 
@@ -225,7 +258,8 @@ def test_recipe_resume_key_under_ray_runs_no_code(copy, payload, tmp_path):
     # launch checks the recipe key as it checks --resume PATH, and the Ray worker again
     craft(copy / MODEL, payload)
     list_sizes(copy)
-    out = cli("launch", *launch_args(tmp_path), "distributed.executor=ray",
-              f"checkpoint.resume={copy}")
+    out = cli(
+        "launch", *launch_args(tmp_path), "distributed.executor=ray", f"checkpoint.resume={copy}"
+    )
     assert out.returncode != 0, out.stdout[-2000:]
     assert "cannot be read as tensors" in out.stdout + out.stderr

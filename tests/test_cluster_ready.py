@@ -27,18 +27,21 @@ from addertrain.checkpoint import Checkpointer
 from addertrain.distributed import WorldInfo
 from addertrain.errors import UserError
 from addertrain.launch import nodes
+from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-TINY = ["recipes/synthetic_tiny.yaml", "distributed.executor=ray", "distributed.workers=1",
-        "train.max_steps=2", "train.eval_interval=0", "data.image_size=8",
-        "logging.progress=false", "logging.plots=false", "logging.tensorboard=false"]
-
-
-def cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "addertrain.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+TINY = [
+    "recipes/synthetic_tiny.yaml",
+    "distributed.executor=ray",
+    "distributed.workers=1",
+    "train.max_steps=2",
+    "train.eval_interval=0",
+    "data.image_size=8",
+    "logging.progress=false",
+    "logging.plots=false",
+    "logging.tensorboard=false",
+]
 
 
 def one_error_line(out: subprocess.CompletedProcess) -> str:
@@ -49,6 +52,7 @@ def one_error_line(out: subprocess.CompletedProcess) -> str:
 
 
 # -- resources ---------------------------------------------------------------------------------
+
 
 def test_embedded_ray_refuses_gpus_that_do_not_exist(tmp_path):
     """Before: the embedded cluster declared the GPUs the recipe asked for, and the worker
@@ -61,16 +65,30 @@ def test_embedded_ray_refuses_gpus_that_do_not_exist(tmp_path):
 
 # -- environment forwarding --------------------------------------------------------------------
 
+
 def test_forwarded_variables_by_prefix():
-    assert all(nodes.forwarded(name) for name in (
-        "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TRITON_CACHE_DIR",
-        "DALI_DISABLE_NVML", "CUDA_LAUNCH_BLOCKING", "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME"))
+    assert all(
+        nodes.forwarded(name)
+        for name in (
+            "NCCL_SOCKET_IFNAME",
+            "NCCL_IB_HCA",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+            "TRITON_CACHE_DIR",
+            "DALI_DISABLE_NVML",
+            "CUDA_LAUNCH_BLOCKING",
+            "OMP_NUM_THREADS",
+            "GLOO_SOCKET_IFNAME",
+        )
+    )
     # Ray assigns the GPUs of each worker; nothing else of the launch's environment travels
-    assert not any(nodes.forwarded(name) for name in (
-        "CUDA_VISIBLE_DEVICES", "HOME", "PATH", "RAY_ADDRESS", "NCCL", "MY_NCCL_VAR"))
+    assert not any(
+        nodes.forwarded(name)
+        for name in ("CUDA_VISIBLE_DEVICES", "HOME", "PATH", "RAY_ADDRESS", "NCCL", "MY_NCCL_VAR")
+    )
 
 
 # -- a Ray cluster whose workers do not see one folder -----------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -114,15 +132,40 @@ def split_cluster(tmp_path_factory):
     address = f"127.0.0.1:{port}"
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     temp = Path(tempfile.mkdtemp(prefix="ctr-", dir="/tmp"))  # Ray's socket paths stay short
-    env = {**os.environ, **auth, "RAY_ADDRESS": address,
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-           'mount --bind "$1" "$2" || exit 1; shift 2; exec "$@"', "sh", str(empty), str(hidden),
-           "ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
-           "--object-store-memory=100000000", f"--temp-dir={temp}"]
+    env = {
+        **os.environ,
+        **auth,
+        "RAY_ADDRESS": address,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    cmd = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount --bind "$1" "$2" || exit 1; shift 2; exec "$@"',
+        "sh",
+        str(empty),
+        str(hidden),
+        "ray",
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        "--object-store-memory=100000000",
+        f"--temp-dir={temp}",
+    ]
     log = open(base / "ray.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -144,7 +187,9 @@ def test_worker_that_does_not_see_the_run_directory_stops_the_launch(split_clust
     address, auth, shared, hidden = split_cluster
     out = cli("launch", *TINY, f"run.dir={hidden / 'runs'}", "--address", address, env=auth)
     line = one_error_line(out)
-    assert f"worker rank 0 on node {socket.gethostname()} (" in line and "finds no .run-token" in line
+    assert (
+        f"worker rank 0 on node {socket.gethostname()} (" in line and "finds no .run-token" in line
+    )
     assert str(hidden / "runs" / "synthetic-tiny") in line and "set run.dir to a path" in line
 
 
@@ -160,9 +205,13 @@ def test_worker_checks_the_token_and_the_dataset_splits(tmp_path):
         nodes.check(cfg, "0" * 32, 3, "n1 (10.0.0.2)")
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)
-    cfg = config.load(ROOT / "recipes/synthetic_tiny.yaml", [
-        f"run.dir={run}", "data.source=folder", f"data.root={data}"])
-    with pytest.raises(UserError, match=f"node n1 .* does not see the dataset folder {data / 'val'}"):
+    cfg = config.load(
+        ROOT / "recipes/synthetic_tiny.yaml",
+        [f"run.dir={run}", "data.source=folder", f"data.root={data}"],
+    )
+    with pytest.raises(
+        UserError, match=f"node n1 .* does not see the dataset folder {data / 'val'}"
+    ):
         nodes.check(cfg, token, 3, "n1 (10.0.0.2)")
 
 
@@ -170,12 +219,21 @@ def test_launch_environment_reaches_workers_of_a_joined_cluster(split_cluster):
     """The cluster's workers inherit its environment, not the launch's: TRITON_*, NCCL_* ...
     set for the job travel with it (each worker records what it got in workers/rank<r>.json)."""
     address, auth, shared, hidden = split_cluster
-    out = cli("launch", *TINY, f"run.dir={shared / 'runs'}", "train.eval_interval=1",
-              "--address", address, env={**auth, "TRITON_TEST_FORWARD": "xyz", "NCCL_TEST_FORWARD": "1"})
+    out = cli(
+        "launch",
+        *TINY,
+        f"run.dir={shared / 'runs'}",
+        "train.eval_interval=1",
+        "--address",
+        address,
+        env={**auth, "TRITON_TEST_FORWARD": "xyz", "NCCL_TEST_FORWARD": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run = shared / "runs" / "synthetic-tiny"
     report = json.loads((run / "workers" / "rank0.json").read_text())
-    assert report["env"]["TRITON_TEST_FORWARD"] == "xyz" and report["env"]["NCCL_TEST_FORWARD"] == "1"
+    assert (
+        report["env"]["TRITON_TEST_FORWARD"] == "xyz" and report["env"]["NCCL_TEST_FORWARD"] == "1"
+    )
     assert report["node"].startswith(f"{socket.gethostname()} (")
     # the final checkpoint records the best evaluation so far, for a resumed run's decisions
     meta = json.loads((run / "checkpoints" / "step00000002" / "meta.json").read_text())
@@ -183,6 +241,7 @@ def test_launch_environment_reaches_workers_of_a_joined_cluster(split_cluster):
 
 
 # -- Triton: cache and warm-up -----------------------------------------------------------------
+
 
 def test_warmup_lists_the_recipe_shapes_and_has_nothing_to_compile_on_cpu():
     out = cli("warmup", "recipes/resnet50_imagenet.yaml", timeout=120)
@@ -196,11 +255,14 @@ def test_warmup_lists_the_recipe_shapes_and_has_nothing_to_compile_on_cpu():
 
 
 def test_warmup_shapes_follow_the_micro_batch_and_image_size():
-    cfg = config.load(ROOT / "recipes/resnet18_imagenet.yaml", ["train.micro_batch=64",
-                                                                "train.global_batch=512"])
+    cfg = config.load(
+        ROOT / "recipes/resnet18_imagenet.yaml", ["train.micro_batch=64", "train.global_batch=512"]
+    )
     shapes = warmup.layer_shapes(cfg)
-    assert [layer.shape for layer in shapes][:2] == [(64, 64, 56, 56, 64, 3, 1, 1),
-                                                     (64, 64, 56, 56, 128, 1, 2, 0)]
+    assert [layer.shape for layer in shapes][:2] == [
+        (64, 64, 56, 56, 64, 3, 1, 1),
+        (64, 64, 56, 56, 128, 1, 2, 0),
+    ]
     assert sum(layer.count for layer in shapes) == 19  # 16 3x3 + 3 downsample 1x1
     cfg = config.load(ROOT / "recipes/synthetic_tiny.yaml", ["model.conv=conv"])
     assert warmup.nothing_to_compile(cfg) == "model.conv=conv has no adder layers"
@@ -235,14 +297,17 @@ def test_warmup_caches_autotuning_for_the_next_process(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Triton kernels ready" in first.stdout
     tuned = list((tmp_path / "cache").rglob("*.autotune.json"))
-    assert tuned and {p.name for p in tuned} <= {"_forward_kernel.autotune.json",
-                                                 "_grad_input_kernel.autotune.json"}, tuned
+    assert tuned and {p.name for p in tuned} <= {
+        "_forward_kernel.autotune.json",
+        "_grad_input_kernel.autotune.json",
+    }, tuned
     second = cli("warmup", *recipe, env=env, timeout=600)
     assert second.returncode == 0 and "Triton kernels ready" in second.stdout
     assert sorted(tmp_path.joinpath("cache").rglob("*.autotune.json")) == sorted(tuned)
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+
 
 def test_a_checkpoint_after_an_evaluation_only_for_a_new_best(tmp_path):
     cfg = config.load(ROOT / "recipes/synthetic_tiny.yaml", [f"run.dir={tmp_path}"])

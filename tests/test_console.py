@@ -2,27 +2,30 @@
 
 import logging
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 from addertrain import console
+from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["recipes/synthetic_tiny.yaml", "train.global_batch=16", "train.micro_batch=8",
-        "data.image_size=8", "data.synthetic.train_size=64", "data.synthetic.val_size=32",
-        "logging.interval_steps=2"]
+TINY = [
+    "recipes/synthetic_tiny.yaml",
+    "train.global_batch=16",
+    "train.micro_batch=8",
+    "data.image_size=8",
+    "data.synthetic.train_size=64",
+    "data.synthetic.val_size=32",
+    "logging.interval_steps=2",
+]
 OURS = re.compile(r"^(step \d+/\d+ \| |eval at step \d+: |run directory: |done in \d+ s: )")
 
 
 def launch(*args):
-    return subprocess.run([sys.executable, "-m", "addertrain.cli", "launch", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return cli("launch", *args, timeout=600)
 
 
 def test_ray_run_prints_its_own_lines_and_little_else(tmp_path):
-    out = launch(*TINY, f"run.dir={tmp_path}", "distributed.executor=ray",
-                 "distributed.workers=2")
+    out = launch(*TINY, f"run.dir={tmp_path}", "distributed.executor=ray", "distributed.workers=2")
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     lines = [line for line in text.splitlines() if line.strip()]
@@ -30,8 +33,9 @@ def test_ray_run_prints_its_own_lines_and_little_else(tmp_path):
     assert len(foreign) <= 5, foreign
     assert "\x1b[" not in text  # not a terminal: no colour codes
     # every progress line once (rank 0 alone speaks), in order
-    assert [line.split(" |")[0] for line in lines if line.startswith("step ")] == \
-        [f"step {s}/8" for s in (2, 4, 6, 8)]
+    assert [line.split(" |")[0] for line in lines if line.startswith("step ")] == [
+        f"step {s}/8" for s in (2, 4, 6, 8)
+    ]
     assert sum(line.startswith("eval at step") for line in lines) == 2
 
 
@@ -52,11 +56,12 @@ def test_other_ranks_speak_only_for_warnings(capsys, monkeypatch):
         console.LOG.info("rank 0's line")
     finally:
         logging.getLogger("addertrain").handlers.clear()
-    assert capsys.readouterr().out.splitlines() == ["rank 1: WARNING: a real problem",
-                                                    "rank 0's line"]
+    assert capsys.readouterr().out.splitlines() == [
+        "rank 1: WARNING: a real problem",
+        "rank 0's line",
+    ]
 
 
 def test_version():
-    out = subprocess.run([sys.executable, "-m", "addertrain.cli", "--version"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = cli("--version", timeout=60)
     assert out.returncode == 0 and re.fullmatch(r"addertrain \d+\.\d+\.\d+\n", out.stdout)

@@ -32,7 +32,9 @@ def ident(tmp_path_factory):
             (root / split / c).mkdir(parents=True)
             for i in range(n):
                 size = (20 + 3 * (j % 5), 20 + 5 * (j % 3))
-                Image.new("RGB", size, (level(j),) * 3).save(root / split / c / f"{i:02d}.JPEG", quality=95)
+                Image.new("RGB", size, (level(j),) * 3).save(
+                    root / split / c / f"{i:02d}.JPEG", quality=95
+                )
                 j += 1
     return root
 
@@ -40,13 +42,26 @@ def ident(tmp_path_factory):
 @pytest.fixture(scope="module")
 def textured(tmp_path_factory):
     """Noisy images: every crop and flip shows in the pixels."""
-    return write_fake(tmp_path_factory.mktemp("textured"), classes=2, per_class=11,
-                      val_per_class=1, sizes=(20, 40))
+    return write_fake(
+        tmp_path_factory.mktemp("textured"),
+        classes=2,
+        per_class=11,
+        val_per_class=1,
+        sizes=(20, 40),
+    )
 
 
 def cfg(root, **kw) -> DataConfig:
-    return DataConfig(source="folder", root=str(root), image_size=16, crop_scale=(0.25, 1.0),
-                      mean=MEAN, std=STD, threads=1, **kw)
+    return DataConfig(
+        source="folder",
+        root=str(root),
+        image_size=16,
+        crop_scale=(0.25, 1.0),
+        mean=MEAN,
+        std=STD,
+        threads=1,
+        **kw,
+    )
 
 
 def pixel_levels(images: torch.Tensor) -> torch.Tensor:
@@ -76,8 +91,9 @@ def epoch_ids(loader, first: int) -> list[int]:
 
 @pytest.mark.parametrize("rrc", [True, False])
 def test_train_batches_have_shapes_dtypes_labels_and_normalization(ident, rrc):
-    loader = build_folder_loader(cfg(ident, random_resized_crop=rrc), "train", 5, 0, 1, CPU,
-                                 seed=0, training=True)
+    loader = build_folder_loader(
+        cfg(ident, random_resized_crop=rrc), "train", 5, 0, 1, CPU, seed=0, training=True
+    )
     assert loader.steps_per_epoch == 5
     batches = list(loader)
     assert len(batches) == 5
@@ -91,8 +107,10 @@ def test_train_batches_have_shapes_dtypes_labels_and_normalization(ident, rrc):
 @pytest.mark.parametrize("split,first", [("train", 0), ("val", 23)])
 def test_two_shards_read_every_image_exactly_once(ident, split, first):
     training = split == "train"
-    loaders = [build_folder_loader(cfg(ident), split, 4, s, 2, CPU, seed=3, training=training)
-               for s in range(2)]
+    loaders = [
+        build_folder_loader(cfg(ident), split, 4, s, 2, CPU, seed=3, training=training)
+        for s in range(2)
+    ]
     assert loaders[0].steps_per_epoch == loaders[1].steps_per_epoch == 3
     ids = [epoch_ids(loader, first) for loader in loaders]
     assert sorted(ids[0] + ids[1]) == list(range(23))
@@ -184,7 +202,9 @@ def test_gray_and_cmyk_jpegs_decode_to_rgb(tmp_path):
 
 
 def test_one_channel_output(ident):
-    loader = build_folder_loader(cfg(ident, channels=1), "val", 4, 0, 1, CPU, seed=0, training=False)
+    loader = build_folder_loader(
+        cfg(ident, channels=1), "val", 4, 0, 1, CPU, seed=0, training=False
+    )
     images, _, _ = next(iter(loader))
     assert images.shape == (4, 1, 16, 16)
 
@@ -204,10 +224,13 @@ def test_an_image_the_decoder_fails_on_is_named(tmp_path):
     root = write_fake(tmp_path, classes=2, per_class=4, val_per_class=1, sizes=(24, 24))
     victim = sorted((root / "train" / "c001").iterdir())[2]
     data = victim.read_bytes()
-    victim.write_bytes(data[:len(data) // 2])  # the first bytes still say JPEG
+    victim.write_bytes(data[: len(data) // 2])  # the first bytes still say JPEG
     loader = build_folder_loader(cfg(root), "train", 2, 0, 1, CPU, seed=0, training=True)
-    with pytest.raises(UserError, match=rf"the image decoder failed on {re.escape(str(victim))} "
-                                        rf"\(.*\); replace it .*addertrain data check {root}"):
+    with pytest.raises(
+        UserError,
+        match=rf"the image decoder failed on {re.escape(str(victim))} "
+        rf"\(.*\); replace it .*addertrain data check {root}",
+    ):
         for _ in loader:
             pass
 
@@ -215,17 +238,31 @@ def test_an_image_the_decoder_fails_on_is_named(tmp_path):
 def test_workers_read_the_index_the_launch_wrote(tmp_path):
     """The launch lists the dataset once; a worker (or a restarted one) reads that listing and
     does not walk the dataset again, so an image added later is not part of the run."""
-    from addertrain.data.folder import INDEX, read_index, write_index
+    from addertrain.config import from_dict
+    from addertrain.data.folder import INDEX, read_index
+    from addertrain.data.prepare import prepare_data
 
     root = write_fake(tmp_path / "data", classes=2, per_class=5, val_per_class=2, sizes=(20, 24))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    write_index(str(root), ("train", "val"), run_dir)
+    prepare_data(
+        from_dict(
+            {
+                "run": {"dir": str(tmp_path), "name": "run"},
+                "model": {"num_classes": 2},
+                "data": {"source": "folder", "root": str(root)},
+                "train": {"global_batch": 2, "micro_batch": 2},
+            }
+        )
+    )
     assert (run_dir / INDEX).is_file()
-    Image.new("RGB", (20, 20)).save(root / "train" / sorted(p.name for p in (root / "train").iterdir())[0]
-                                    / "added.JPEG")
+    Image.new("RGB", (20, 20)).save(
+        root / "train" / sorted(p.name for p in (root / "train").iterdir())[0] / "added.JPEG"
+    )
     d = cfg(root)
-    indexed = build_folder_loader(d, "train", 2, 0, 1, CPU, seed=0, training=True, index_dir=run_dir)
+    indexed = build_folder_loader(
+        d, "train", 2, 0, 1, CPU, seed=0, training=True, index_dir=run_dir
+    )
     listed = build_folder_loader(d, "train", 2, 0, 1, CPU, seed=0, training=True)
     assert len(indexed.index.files) == 10 and len(listed.index.files) == 11
     assert indexed.index.classes == listed.index.classes

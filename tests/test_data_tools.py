@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,11 +13,7 @@ from addertrain.data.digits import prepare_digits, split_indices
 from addertrain.data.fake import write_fake
 from addertrain.data.folder import class_names, index_split, save_class_map
 from addertrain.errors import UserError
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "addertrain.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=120)
+from conftest import cli
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 23, 64, 65])
@@ -33,7 +27,7 @@ def test_shards_cover_every_sample_once_with_equal_steps(n, shards, batch):
         assert len(indices) == steps * batch and len(valid) == steps
         assert all(0 <= v <= batch for v in valid) and valid[:-1] == [batch] * (steps - 1)
         assert set(indices.tolist()) <= set(range(n))
-        real += [int(i) for t, v in enumerate(valid) for i in indices[t * batch:t * batch + v]]
+        real += [int(i) for t, v in enumerate(valid) for i in indices[t * batch : t * batch + v]]
     assert sorted(real) == list(range(n))
 
 
@@ -72,6 +66,7 @@ def test_file_list_split(tmp_path):
 
 # -- data check -------------------------------------------------------------------------
 
+
 @pytest.fixture
 def defective(tmp_path):
     """A fake dataset seeded with one instance of every defect `data check` reports."""
@@ -79,7 +74,7 @@ def defective(tmp_path):
     train, val = root / "train", root / "val"
     victim = sorted((train / "c001").iterdir())[0]
     data = victim.read_bytes()
-    (train / "c001" / "truncated.JPEG").write_bytes(data[:len(data) // 2])
+    (train / "c001" / "truncated.JPEG").write_bytes(data[: len(data) // 2])
     Image.new("RGB", (20, 20), (9, 9, 9)).save(train / "c000" / "png.JPEG", format="PNG")
     (train / "c003").mkdir()
     shutil.rmtree(val / "c002")
@@ -117,9 +112,16 @@ def test_check_passes_a_clean_dataset(tmp_path):
     root = write_fake(tmp_path, classes=2, per_class=3, val_per_class=1, sizes=(16, 24))
     report = scan(root, workers=1)
     assert report["errors"] == 0
-    assert report["splits"] == {"train": {"classes": 2, "images": 6}, "val": {"classes": 2, "images": 2}}
-    assert quick_check(root) == {"classes": 2, "images": {"train": 6, "val": 2}, "checked": 8,
-                                 "warnings": {}}
+    assert report["splits"] == {
+        "train": {"classes": 2, "images": 6},
+        "val": {"classes": 2, "images": 2},
+    }
+    assert quick_check(root) == {
+        "classes": 2,
+        "images": {"train": 6, "val": 2},
+        "checked": 8,
+        "warnings": {},
+    }
 
 
 def test_quick_check_stops_bad_layouts_with_clear_messages(tmp_path, defective):
@@ -168,6 +170,7 @@ def test_check_cli_lists_every_file_up_to_a_limit_and_writes_json_only_when_aske
 
 # -- what the loader refuses, the checker reports -----------------------------------------
 
+
 @pytest.fixture
 def odd_entries(tmp_path):
     """A clean dataset plus, in train/c000, a folder named like an image, a broken symlink
@@ -181,15 +184,20 @@ def odd_entries(tmp_path):
 
 
 def test_checker_and_loader_agree_on_odd_entries(odd_entries):
-    expected = ["train/c000/gone.JPEG (missing or a broken symlink)",
-                "train/c000/loop.JPEG (symlink loop)",
-                "train/c000/x.JPEG (a folder named like an image)"]
+    expected = [
+        "train/c000/gone.JPEG (missing or a broken symlink)",
+        "train/c000/loop.JPEG (symlink loop)",
+        "train/c000/x.JPEG (a folder named like an image)",
+    ]
     report = scan(odd_entries)
     found = {p["kind"]: p["files"] for p in report["problems"]}
     assert found["bad_entry"] == expected and report["errors"] == 3
-    with pytest.raises(UserError, match=r"c000 holds entries the loader cannot read: gone.JPEG "
-                                        r"\(missing or a broken symlink\), loop.JPEG \(symlink loop\), "
-                                        r"x.JPEG \(a folder named like an image\)"):
+    with pytest.raises(
+        UserError,
+        match=r"c000 holds entries the loader cannot read: gone.JPEG "
+        r"\(missing or a broken symlink\), loop.JPEG \(symlink loop\), "
+        r"x.JPEG \(a folder named like an image\)",
+    ):
         index_split(odd_entries, "train", class_names(odd_entries, "train"))
     with pytest.raises(UserError, match="train/c000/gone.JPEG.*addertrain data check"):
         quick_check(odd_entries)
@@ -200,7 +208,8 @@ def test_a_class_folder_that_is_a_symlink_loop_is_refused(tmp_path):
     (root / "train" / "c002").symlink_to(root / "train" / "c002")
     report = scan(root)
     assert {p["kind"]: p["files"] for p in report["problems"]}["bad_entry"] == [
-        "train/c002 (symlink loop)"]
+        "train/c002 (symlink loop)"
+    ]
     assert report["errors"] == 1
     with pytest.raises(UserError, match=r"entries the loader cannot read: c002 \(symlink loop\)"):
         class_names(root, "train")
@@ -210,10 +219,15 @@ def test_checker_and_loader_agree_on_file_list_lines(tmp_path):
     (tmp_path / "img").mkdir()
     for i in range(3):
         Image.new("RGB", (8, 8)).save(tmp_path / "img" / f"{i}.jpg")
-    (tmp_path / "train.txt").write_text("img/0.jpg 0\nimg/1.jpg\t1\nimg/2.jpg one\nimg/2.jpg \u00b2\n")
+    (tmp_path / "train.txt").write_text(
+        "img/0.jpg 0\nimg/1.jpg\t1\nimg/2.jpg one\nimg/2.jpg \u00b2\n"
+    )
     (tmp_path / "val.txt").write_text("img/0.jpg 0\n")
     found = {p["kind"]: p["files"] for p in scan(tmp_path, "train.txt", "val.txt")["problems"]}
-    assert found["bad_list_line"] == ["train.txt:3: 'img/2.jpg one'", "train.txt:4: 'img/2.jpg \u00b2'"]
+    assert found["bad_list_line"] == [
+        "train.txt:3: 'img/2.jpg one'",
+        "train.txt:4: 'img/2.jpg \u00b2'",
+    ]
     with pytest.raises(UserError, match=r"train.txt:3: 'img/2.jpg one', .*train.txt:4: "):
         class_names(tmp_path, "train.txt")
     (tmp_path / "train.txt").write_text("img/0.jpg 0\nimg/1.jpg\t1\n")  # a tab separates too
@@ -226,7 +240,9 @@ def test_quick_check_opens_every_file_it_will_read(tmp_path):
     good = sorted((root / "train" / "c001").iterdir())[0].read_bytes()
     (root / "train" / "c000" / "empty.JPEG").write_bytes(b"")
     (root / "val" / "c001" / "page.png").write_text("<html>")
-    (root / "train" / "c001" / "cut.JPEG").write_bytes(good[:40])  # passes: truncation needs a decode
+    (root / "train" / "c001" / "cut.JPEG").write_bytes(
+        good[:40]
+    )  # passes: truncation needs a decode
     with pytest.raises(UserError) as err:
         quick_check(root)
     message = str(err.value)
@@ -246,10 +262,15 @@ def test_fake_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     assert len(list((tmp_path / "f" / "train").glob("*/*.JPEG"))) == 6
     again = cli("data", "fake", tmp_path / "f", "--classes", "2", "--per-class", "3")
-    assert again.returncode == 2 and "already holds" in again.stderr and "Traceback" not in again.stderr
+    assert (
+        again.returncode == 2
+        and "already holds" in again.stderr
+        and "Traceback" not in again.stderr
+    )
 
 
 # -- digits -----------------------------------------------------------------------------
+
 
 def test_digits_split_is_stratified_and_fixed():
     from sklearn.datasets import load_digits
@@ -285,14 +306,31 @@ def test_prepare_digits_writes_an_imagenet_folder_once(tmp_path):
 
 # -- benchmark --------------------------------------------------------------------------
 
+
 def test_bench_data_cli_writes_both_sides(tmp_path):
     root = write_fake(tmp_path / "ds", classes=2, per_class=8, val_per_class=1, sizes=(24, 48))
-    out = cli("bench", "data", root, "--image-size", "16", "--batch", "4", "--workers", "1",
-              "--batches", "2", "--warmup", "1", "--json", tmp_path / "b.json")
+    out = cli(
+        "bench",
+        "data",
+        root,
+        "--image-size",
+        "16",
+        "--batch",
+        "4",
+        "--workers",
+        "1",
+        "--batches",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        tmp_path / "b.json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "b.json").read_text())
     for side in ("dali", "torch"):
         assert result[side]["images"] == 8 and result[side]["img_per_s"] > 0
     assert result["ratio_dali_over_torch"] == pytest.approx(
-        result["dali"]["img_per_s"] / result["torch"]["img_per_s"])
+        result["dali"]["img_per_s"] / result["torch"]["img_per_s"]
+    )
     assert "ratio DALI / DataLoader" in out.stdout

@@ -7,8 +7,6 @@ the global batch into the same micro-batches: 2 workers x B against 1 worker acc
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,25 +19,42 @@ from addertrain.errors import UserError
 from addertrain.launch import ray_executor
 from addertrain.metrics import read_records
 from addertrain.models import adder_layers, create_model
+from conftest import cli as _cli
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 
 
 def train(run_dir, name, workers, micro, zero=0, extra=()):
-    cfg = config.load(ROOT / "recipes/synthetic_tiny.yaml", [
-        f"run.dir={run_dir}", f"run.name={name}", "distributed.executor=ray",
-        f"distributed.workers={workers}", f"distributed.zero_stage={zero}",
-        "train.global_batch=16", f"train.micro_batch={micro}", f"train.max_steps={STEPS}",
-        "train.eval_interval=0", "data.image_size=8", "schedule.kind=constant",
-        "logging.interval_steps=1", "logging.progress=false", *extra])
+    cfg = config.load(
+        ROOT / "recipes/synthetic_tiny.yaml",
+        [
+            f"run.dir={run_dir}",
+            f"run.name={name}",
+            "distributed.executor=ray",
+            f"distributed.workers={workers}",
+            f"distributed.zero_stage={zero}",
+            "train.global_batch=16",
+            f"train.micro_batch={micro}",
+            f"train.max_steps={STEPS}",
+            "train.eval_interval=0",
+            "data.image_size=8",
+            "schedule.kind=constant",
+            "logging.interval_steps=1",
+            "logging.progress=false",
+            *extra,
+        ],
+    )
     cfg.run.dir = str(Path(cfg.run.dir).resolve())
     cfg.run_dir().mkdir(parents=True)
     ray_executor.run(cfg, None)
     run = cfg.run_dir()
     losses = [r["loss"] for r in read_records(run / "metrics.jsonl") if r["kind"] == "train"]
-    weights = {k: v for k, v in load_file(run / "final" / "model.safetensors").items()
-               if v.is_floating_point() and "running" not in k}
+    weights = {
+        k: v
+        for k, v in load_file(run / "final" / "model.safetensors").items()
+        if v.is_floating_point() and "running" not in k
+    }
     return losses, weights
 
 
@@ -52,7 +67,9 @@ def initial_weights():
     random.seed(0)
     np.random.seed(0)
     model = create_model("resnet20", "adder", 4, "auto", "auto", 0.3, 3)
-    return {k: v for k, v in model.state_dict().items() if v.is_floating_point() and "running" not in k}
+    return {
+        k: v for k, v in model.state_dict().items() if v.is_floating_point() and "running" not in k
+    }
 
 
 def relative_difference(a, b, start):
@@ -133,21 +150,29 @@ def test_official_per_process_rule_depends_on_the_split():
 
 
 def test_too_many_workers_fail_fast(ray_cluster, tmp_path):
-    cfg = config.load(ROOT / "recipes/synthetic_tiny.yaml",
-                      [f"run.dir={tmp_path}", "distributed.workers=8", "train.global_batch=64",
-                       "train.micro_batch=8"])
+    cfg = config.load(
+        ROOT / "recipes/synthetic_tiny.yaml",
+        [
+            f"run.dir={tmp_path}",
+            "distributed.workers=8",
+            "train.global_batch=64",
+            "train.micro_batch=8",
+        ],
+    )
     with pytest.raises(UserError, match="need 8 CPU in all .* has 2"):
         ray_executor.run(cfg, None)
 
 
-def _cli(*args, env=None, timeout=240):
-    return subprocess.run([sys.executable, "-m", "addertrain.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def test_unreachable_address_fails_fast(tmp_path):
-    out = _cli("launch", "recipes/synthetic_tiny.yaml", "distributed.executor=ray",
-               f"run.dir={tmp_path}", "--address", "127.0.0.1:1", timeout=60)
+    out = _cli(
+        "launch",
+        "recipes/synthetic_tiny.yaml",
+        "distributed.executor=ray",
+        f"run.dir={tmp_path}",
+        "--address",
+        "127.0.0.1:1",
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "nothing answers at the Ray address 127.0.0.1:1" in out.stderr
     assert "Traceback" not in out.stderr
@@ -156,8 +181,14 @@ def test_unreachable_address_fails_fast(tmp_path):
 def test_digits_recipe_with_two_ray_workers(tmp_path):
     """The README's main job, shortened: embedded Ray, 2 workers, the DALI CPU pipeline, the
     recipe's relative data.root (prepared on first use; workers run in another directory)."""
-    out = _cli("launch", "recipes/digits.yaml", f"run.dir={tmp_path}",
-               "train.max_steps=12", "train.eval_interval=0", timeout=400)
+    out = _cli(
+        "launch",
+        "recipes/digits.yaml",
+        f"run.dir={tmp_path}",
+        "train.max_steps=12",
+        "train.eval_interval=0",
+        timeout=400,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "digits" / "result.json").read_text())
     assert result["world_size"] == 2 and result["steps"] == 12

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from addertrain import kernels
 from addertrain.nn import AdderConv2d
+from test_reference_op import INPUT_RULES, WEIGHT_RULES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -43,16 +44,17 @@ CASES = {
 }
 
 
-def definition(x, w, g, stride, padding):
-    """float64 brute force, one kernel tap at a time, straight from the paper's formulas.
+def definition(x, w, g, stride, padding, grad="full", input_grad="hardtanh"):
+    """float64 brute force, one kernel tap at a time, straight from the paper's formulas
+    (the backward with the given rules, tests/test_reference_op.py).
 
-    Returns (y, |y|), (gx, scale), (gw, scale) where scale is the sum of |terms|.
+    Returns (y, |y|), (gx, scale), (gw, scale) where scale bounds the sum of |terms|.
     """
     x, w, g = x.double(), w.double(), g.double()
     n, c, h, wd = x.shape
     o, _, k, _ = w.shape
     oh, ow = g.shape[2:]
-    xp = F.pad(x, (padding,) * 4)              # zero padding enters as x = 0
+    xp = F.pad(x, (padding,) * 4)  # zero padding enters as x = 0
     y = torch.zeros_like(g)
     gxp, gxp_scale = torch.zeros_like(xp), torch.zeros_like(xp)
     gw, gw_scale = torch.zeros_like(w), torch.zeros_like(w)
@@ -60,16 +62,22 @@ def definition(x, w, g, stride, padding):
         for s in range(k):
             rows = slice(r, r + stride * (oh - 1) + 1, stride)
             cols = slice(s, s + stride * (ow - 1) + 1, stride)
-            xs = xp[:, :, rows, cols]         # the input pixel that output (oh, ow) reads at tap (r, s)
-            for o0 in range(0, o, 64):        # bounds the [N, o, C, OH, OW] temporaries on a GPU
+            xs = xp[:, :, rows, cols]  # the input pixel that output (oh, ow) reads at tap (r, s)
+            for o0 in range(0, o, 64):  # bounds the [N, o, C, OH, OW] temporaries on a GPU
                 osl = slice(o0, o0 + 64)
                 d = xs[:, None] - w[None, osl, :, r, s, None, None]
                 gs = g[:, osl, None]
                 y[:, osl] -= d.abs().sum(2)
-                gxp[:, :, rows, cols] += (gs * (-d).clamp(-1, 1)).sum(1)
-                gxp_scale[:, :, rows, cols] += gs.abs().sum(1).expand(-1, c, -1, -1)
-                gw[osl, :, r, s] += (gs * d).sum((0, 3, 4))
-                gw_scale[osl, :, r, s] += (gs.abs() * (xs.abs()[:, None] + w[None, osl, :, r, s, None, None].abs())).sum((0, 3, 4))
+                # |x| + |w| bounds a full-precision term, 1 a clipped or sign one
+                size = xs.abs()[:, None] + w[None, osl, :, r, s, None, None].abs()
+                gxp[:, :, rows, cols] += (gs * INPUT_RULES[input_grad](d)).sum(1)
+                gxp_scale[:, :, rows, cols] += (
+                    (gs.abs() * (size if input_grad == "full" else 1)).sum(1).expand(-1, c, -1, -1)
+                )
+                gw[osl, :, r, s] += (gs * WEIGHT_RULES[grad](d)).sum((0, 3, 4))
+                gw_scale[osl, :, r, s] += (
+                    (gs.abs() * (size if grad == "full" else 1)).expand_as(d).sum((0, 3, 4))
+                )
     inner = (slice(None), slice(None), slice(padding, padding + h), slice(padding, padding + wd))
     return (y, y.abs()), (gxp[inner], gxp_scale[inner]), (gw, gw_scale)
 
@@ -81,8 +89,10 @@ def assert_close(got, expected, dtype, what):
     err = (got.double() - value).abs()
     bound = RTOL[dtype] * scale + 1e-6
     worst = (err - bound).argmax()
-    assert (err <= bound).all(), (f"{what}: error {err.flatten()[worst]:.3g} > bound "
-                                  f"{bound.flatten()[worst]:.3g} at flat index {worst}")
+    assert (err <= bound).all(), (
+        f"{what}: error {err.flatten()[worst]:.3g} > bound "
+        f"{bound.flatten()[worst]:.3g} at flat index {worst}"
+    )
 
 
 def make(case, dtype=torch.float32, channels_last=False, seed=0):
@@ -101,10 +111,18 @@ def make(case, dtype=torch.float32, channels_last=False, seed=0):
 def poisoned(like, shape=None):
     """A NaN-filled buffer with ``like``'s layout: an element the kernel skips stays NaN."""
     shape = like.shape if shape is None else shape
-    fmt = torch.channels_last if (like.dim() == 4 and not like.is_contiguous()
-                                  and like.is_contiguous(memory_format=torch.channels_last)) \
+    fmt = (
+        torch.channels_last
+        if (
+            like.dim() == 4
+            and not like.is_contiguous()
+            and like.is_contiguous(memory_format=torch.channels_last)
+        )
         else torch.contiguous_format
-    return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=fmt)
+    )
+    return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(
+        memory_format=fmt
+    )
 
 
 def check_all(x, w, g, stride, padding, dtype):
@@ -129,7 +147,9 @@ def test_channels_last(name):
     check_all(x, w, g, stride, padding, torch.float32)
     y = kernels.forward(x, w, stride, padding)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert kernels.grad_input(g, x, w, stride, padding).is_contiguous(memory_format=torch.channels_last)
+    assert kernels.grad_input(g, x, w, stride, padding).is_contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -137,6 +157,20 @@ def test_channels_last(name):
 def test_half_precision(name, dtype):
     x, w, g, stride, padding = make(CASES[name], dtype)
     check_all(x, w, g, stride, padding, dtype)
+
+
+@pytest.mark.parametrize("grad,input_grad", [("sign", "full"), ("full", "sign")])
+@pytest.mark.parametrize(
+    "name,channels_last", [("3x3-s2-p1-batch1", False), ("1x1-s2-p0-odd", True)]
+)
+def test_ablation_rules(name, channels_last, grad, input_grad):
+    """The sign weight-gradient kernel and grad_input's unclipped and sign rules."""
+    x, w, g, stride, padding = make(CASES[name], channels_last=channels_last, seed=3)
+    _, gx_def, gw_def = definition(x, w, g, stride, padding, grad, input_grad)
+    gx = kernels.grad_input(g, x, w, stride, padding, input_grad, out=poisoned(x))
+    assert_close(gx, gx_def, torch.float32, f"grad_input {input_grad}")
+    gw = kernels.grad_weight(g, x, w, stride, padding, grad, out=poisoned(w))
+    assert_close(gw, gw_def, torch.float32, f"grad_weight {grad}")
 
 
 def test_mixed_dtypes_follow_their_tensor():
@@ -161,7 +195,9 @@ def test_grad_input_is_deterministic():
 
 def test_adder_conv2d_triton_backend_through_autograd():
     x, w, g, stride, padding = make(CASES["3x3-s2-p1-batch1"], seed=2)
-    layer = AdderConv2d(w.shape[1], w.shape[0], w.shape[2], stride, padding, backend="triton").to(DEVICE)
+    layer = AdderConv2d(w.shape[1], w.shape[0], w.shape[2], stride, padding, backend="triton").to(
+        DEVICE
+    )
     with torch.no_grad():
         layer.weight.copy_(w)
     x.requires_grad_(True)
@@ -201,8 +237,9 @@ def test_triton_backend_without_gpu_or_interpreter_is_a_user_error():
         "        print('USERERROR', e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("USERERROR")]
     assert len(lines) == 2, done.stdout + done.stderr
@@ -216,7 +253,9 @@ def test_grad_weight_by_slices_matches_the_definition(monkeypatch):
     x, w, g, stride, padding = make(CASES["3x3-s1-p1"], seed=3)
     monkeypatch.setattr(wgrad, "gemm_splits", lambda *args: (2, 3))
     gw = kernels.grad_weight(g, x, w, stride, padding, out=poisoned(w))
-    assert_close(gw, definition(x, w, g, stride, padding)[2], torch.float32, "grad_weight by slices")
+    assert_close(
+        gw, definition(x, w, g, stride, padding)[2], torch.float32, "grad_weight by slices"
+    )
 
 
 def test_gemm_splits_bound_the_winograd_workspace():
@@ -226,15 +265,19 @@ def test_gemm_splits_bound_the_winograd_workspace():
 
     def tensors(n, c, h, o, k, stride, dtype=torch.float32):
         oh = (h + 2 * (k // 2) - k) // stride + 1
-        return (torch.empty(n, c, h, h, device="meta", dtype=dtype),
-                torch.empty(n, o, oh, oh, device="meta", dtype=dtype),
-                torch.empty(o, c, k, k, device="meta", dtype=dtype))
+        return (
+            torch.empty(n, c, h, h, device="meta", dtype=dtype),
+            torch.empty(n, o, oh, oh, device="meta", dtype=dtype),
+            torch.empty(o, c, k, k, device="meta", dtype=dtype),
+        )
 
     for n, c, h, o in [(64, 64, 56, 64), (64, 128, 28, 128), (64, 256, 14, 256), (64, 512, 7, 512)]:
         x, g, w = tensors(n, c, h, o, 3, 1)
         b, q = gemm_splits(x, g, w, 1)
         assert 1 < b * q <= MAX_CALLS
-        assert _winograd_bytes(-(-n // b), c, -(-o // q), h, h) <= 4 * (x.numel() + g.numel() + w.numel())
+        assert _winograd_bytes(-(-n // b), c, -(-o // q), h, h) <= 4 * (
+            x.numel() + g.numel() + w.numel()
+        )
     assert gemm_splits(*tensors(64, 64, 56, 64, 3, 1, torch.bfloat16), 1) == (1, 1)
     assert gemm_splits(*tensors(64, 128, 56, 128, 3, 2), 2) == (1, 1)
     assert gemm_splits(*tensors(64, 256, 56, 64, 1, 1), 1) == (1, 1)
@@ -244,7 +287,7 @@ def test_gemm_splits_bound_the_winograd_workspace():
 
 
 def resnet_layer_shapes(arch):
-    from addertrain.bench.kernels import adder_layer_shapes
+    from addertrain.models.shapes import adder_layer_shapes
 
     return [layer.shape for layer in adder_layer_shapes(arch, batch=2)]
 
@@ -292,11 +335,13 @@ def test_every_autotune_config():
 def test_no_unfolded_temporaries():
     """Extra memory is the weight tables and cuDNN's workspace, never O(N*K*L)."""
     x, w, g, stride, padding = make((16, 64, 56, 56, 64, 3, 1, 1))
-    kernels.forward(x, w, stride, padding)           # autotune and compile outside the measurement
+    kernels.forward(x, w, stride, padding)  # autotune and compile outside the measurement
     kernels.grad_input(g, x, w, stride, padding)
     unfolded = x.numel() * 9 * x.element_size()
-    for name, call in [("forward", lambda: kernels.forward(x, w, stride, padding)),
-                       ("grad_input", lambda: kernels.grad_input(g, x, w, stride, padding))]:
+    for name, call in [
+        ("forward", lambda: kernels.forward(x, w, stride, padding)),
+        ("grad_input", lambda: kernels.grad_input(g, x, w, stride, padding)),
+    ]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -311,14 +356,16 @@ def test_no_unfolded_temporaries():
 def test_column_waste_pruner_keeps_tiles_that_fit():
     import triton
 
-    from addertrain.kernels.launch import column_waste_pruner
+    from addertrain.kernels.common import column_waste_pruner
 
-    wide, narrow = (triton.Config(dict(TM=8, TN=16, GM=16, GN=8, BK=2)),
-                    triton.Config(dict(TM=8, TN=16, GM=32, GN=4, BK=2)))
+    wide, narrow = (
+        triton.Config(dict(TM=8, TN=16, GM=16, GN=8, BK=2)),
+        triton.Config(dict(TM=8, TN=16, GM=32, GN=4, BK=2)),
+    )
     prune = column_waste_pruner("O")
-    assert prune([wide, narrow], {"O": 64}) == [narrow]           # 128-wide tile: half idle
+    assert prune([wide, narrow], {"O": 64}) == [narrow]  # 128-wide tile: half idle
     assert prune([wide, narrow], {"O": 512}) == [wide, narrow]
-    assert prune([wide, narrow], {"O": 5}) == [narrow]            # least waste when all waste
+    assert prune([wide, narrow], {"O": 5}) == [narrow]  # least waste when all waste
 
 
 def test_bench_quick_writes_table_and_json(tmp_path, capsys):
@@ -335,16 +382,25 @@ def test_bench_quick_writes_table_and_json(tmp_path, capsys):
         for op in ("forward", "grad_input", "grad_weight"):
             o = row["ops"][op]
             assert o["triton_ms"] > 0 and o["conv_ms"] > 0
-            assert o["fraction_of_ceiling"] == pytest.approx(o["elements_per_s"] / result["ceiling"]["elements_per_s"])
+            assert o["fraction_of_ceiling"] == pytest.approx(
+                o["elements_per_s"] / result["ceiling"]["elements_per_s"]
+            )
             assert o["elements_per_s"] == pytest.approx(row["elements"] / (o["triton_ms"] * 1e-3))
             assert o["triton_over_conv"] == pytest.approx(o["triton_ms"] / o["conv_ms"])
             assert o["unfold_over_triton"] == pytest.approx(o["unfold_ms"] / o["triton_ms"])
-        assert row["layer"]["unfold_over_triton"] == pytest.approx(row["layer"]["unfold_ms"] / row["layer"]["triton_ms"])
+        assert row["layer"]["unfold_over_triton"] == pytest.approx(
+            row["layer"]["unfold_ms"] / row["layer"]["triton_ms"]
+        )
     net = result["network"]
     for name in ("triton", "reference", "cnn"):
         assert net[name]["img_per_s"] > 0, net
-    assert net["triton_over_cnn"] == pytest.approx(net["triton"]["img_per_s"] / net["cnn"]["img_per_s"])
-    assert result["summary"]["forward_3x3_fraction_min"] == result["layers"][0]["ops"]["forward"]["fraction_of_ceiling"]
+    assert net["triton_over_cnn"] == pytest.approx(
+        net["triton"]["img_per_s"] / net["cnn"]["img_per_s"]
+    )
+    assert (
+        result["summary"]["forward_3x3_fraction_min"]
+        == result["layers"][0]["ops"]["forward"]["fraction_of_ceiling"]
+    )
 
 
 def test_bench_rejects_unknown_layers(capsys):
@@ -359,12 +415,14 @@ def test_compiler_report_reads_the_ceiling_kernels_hot_loop():
     script = (
         "import json, triton\n"
         "from addertrain.kernels import ceiling, report\n"
-        "config = triton.Config(dict(ROWS=ceiling.ROWS, BLOCK=256, UNROLL=ceiling.UNROLL), num_warps=8)\n"
+        "config = triton.Config(dict(ROWS=ceiling.ROWS, BLOCK=256, UNROLL=ceiling.UNROLL),"
+        " num_warps=8)\n"
         "print(json.dumps(report.config_report(ceiling._add_bound_kernel, config, {})))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     from addertrain.kernels import ceiling
 
@@ -383,11 +441,13 @@ def test_adder_kernels_hot_loops_stay_in_registers():
         "from addertrain.kernels import dgrad, fprop, report\n"
         "for kernel in (fprop._forward_kernel, dgrad._grad_input_kernel):\n"
         "    config = kernel.configs[0]\n"
-        "    print(json.dumps(report.config_report(kernel.fn, config, dict(KH=3, STRIDE=1, PAD=1))))\n"
+        "    print(json.dumps(report.config_report(kernel.fn, config,"
+        " dict(KH=3, STRIDE=1, PAD=1))))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     for line in done.stdout.strip().splitlines()[-2:]:
         r = json.loads(line)

@@ -14,20 +14,25 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli, cli_command
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/synthetic_tiny.yaml"
-TINY = ["data.image_size=8", "data.synthetic.train_size=64", "data.synthetic.val_size=16",
-        "train.global_batch=16", "train.micro_batch=8", "train.max_steps=2",
-        "train.eval_interval=0", "logging.progress=false", "logging.plots=false"]
-
-
-def command(*args):
-    return [sys.executable, "-m", "addertrain.cli", *args]
+TINY = [
+    "data.image_size=8",
+    "data.synthetic.train_size=64",
+    "data.synthetic.val_size=16",
+    "train.global_batch=16",
+    "train.micro_batch=8",
+    "train.max_steps=2",
+    "train.eval_interval=0",
+    "logging.progress=false",
+    "logging.plots=false",
+]
 
 
 def launch(*args, env=None, timeout=300):
-    return subprocess.run(command("launch", *args), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return cli("launch", *args, env=env, timeout=timeout)
 
 
 def assert_one_line_error(out, *fragments):
@@ -45,8 +50,7 @@ def test_worker_user_error_under_ray_is_one_line(ray_cluster, tmp_path):
     new run directory is gone. The session's own Ray cluster is another Ray instance on the
     host, which the embedded one must not confuse with itself."""
     runs = tmp_path / "runs"
-    out = launch(RECIPE, *TINY, f"run.dir={runs}", "distributed.executor=ray",
-                 "train.device=cuda")
+    out = launch(RECIPE, *TINY, f"run.dir={runs}", "distributed.executor=ray", "train.device=cuda")
     assert_one_line_error(out, "train.device=cuda but no CUDA device is visible")
     assert "WorkerGroupError" not in out.stdout + out.stderr
     assert "multiple active Ray instances" not in out.stdout + out.stderr
@@ -76,8 +80,13 @@ def test_address_with_the_local_executor_is_refused(tmp_path):
 # -- one launch per run directory -------------------------------------------
 def test_second_launch_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
     run_dir = tmp_path / "synthetic-tiny"
-    first = subprocess.Popen(command("launch", RECIPE, *TINY, f"run.dir={tmp_path}"), cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        cli_command("launch", RECIPE, *TINY, f"run.dir={tmp_path}"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in first.stdout:  # the lock is held from before this line to the end
             if line.startswith("run directory:"):
@@ -93,8 +102,9 @@ def test_second_launch_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
         config = (run_dir / "config.yaml").read_text()
 
         out = launch(RECIPE, *TINY, f"run.dir={tmp_path}", "optim.lr=0.05")
-        assert_one_line_error(out, f"{run_dir} is in use by a running launch",
-                              f"pid {first.pid} on host")
+        assert_one_line_error(
+            out, f"{run_dir} is in use by a running launch", f"pid {first.pid} on host"
+        )
         assert (run_dir / "preempt").exists() and (run_dir / "result.json").read_text() == "{}"
         assert partial.is_dir() and (run_dir / "config.yaml").read_text() == config
 
@@ -119,7 +129,8 @@ def test_relaunching_a_finished_run_reports_it_without_training(tmp_path):
     assert (tmp_path / "synthetic-tiny" / "metrics.jsonl").read_text() == metrics
     done = [line for line in first.stdout.splitlines() if line.startswith("done in")]
     assert [line.split(": ", 1)[1] for line in done] == [
-        line.split(": ", 1)[1] for line in again.stdout.splitlines() if line.startswith("done in")]
+        line.split(": ", 1)[1] for line in again.stdout.splitlines() if line.startswith("done in")
+    ]
     assert "eval at step" not in again.stdout
 
 
@@ -154,9 +165,14 @@ def test_embedded_ray_is_private_to_the_run(tmp_path):
     home, tmp = tmp_path / "home", Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
     home.mkdir()
     try:
-        out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120,
-                             env={**os.environ, "HOME": str(home), "TMPDIR": str(tmp)})
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HOME": str(home), "TMPDIR": str(tmp)},
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         seen = json.loads(out.stdout.strip().splitlines()[-1])
         assert seen["address"].startswith("127.0.0.1:")
@@ -185,10 +201,14 @@ def test_one_rank_group_needs_no_port():
                           "port": os.environ.get("MASTER_PORT")}))
         distributed.teardown()
     """)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env=env)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen == {"world": [0, 1], "sum": [1.0, 1.0, 1.0], "port": None}

@@ -26,8 +26,9 @@ def test_adder_resnet50_head_differs_from_the_standard_one():
     assert isinstance(model.head.bn, nn.BatchNorm2d)
 
 
-@pytest.mark.parametrize("arch, adders", [("resnet20", 20), ("resnet32", 32), ("resnet18", 19),
-                                          ("resnet50", 52)])
+@pytest.mark.parametrize(
+    "arch, adders", [("resnet20", 20), ("resnet32", 32), ("resnet18", 19), ("resnet50", 52)]
+)
 def test_every_body_conv_is_an_adder_and_the_stem_multiplies(arch, adders):
     # resnet20: 18 block convs + 2 downsample shortcuts; resnet50: 48 + 4 shortcuts.
     model = create_model(arch, conv="adder", backend="reference")
@@ -37,7 +38,9 @@ def test_every_body_conv_is_an_adder_and_the_stem_multiplies(arch, adders):
         assert layer.backend == "reference"
     cnn = create_model(arch, conv="conv")
     assert not adder_layers(cnn)
-    assert sum(isinstance(m, nn.Conv2d) for m in cnn.modules()) == adders + 1 + (cnn.head.bn is not None)
+    assert sum(isinstance(m, nn.Conv2d) for m in cnn.modules()) == adders + 1 + (
+        cnn.head.bn is not None
+    )
 
 
 def test_shortcuts_are_adder_plus_bn():
@@ -53,8 +56,10 @@ def test_adder_weights_start_from_a_standard_normal():
     assert abs(w.mean().item()) < 0.01 and abs(w.std().item() - 1) < 0.01
 
 
-@pytest.mark.parametrize("arch, size, classes", [("resnet20", 16, 10), ("resnet32", 12, 7),
-                                                 ("resnet18", 32, 5), ("resnet50", 32, 3)])
+@pytest.mark.parametrize(
+    "arch, size, classes",
+    [("resnet20", 16, 10), ("resnet32", 12, 7), ("resnet18", 32, 5), ("resnet50", 32, 3)],
+)
 @pytest.mark.parametrize("conv", ["adder", "conv"])
 def test_output_shapes(arch, size, classes, conv):
     model = create_model(arch, conv=conv, num_classes=classes, backend="reference")

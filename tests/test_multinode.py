@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from addertrain import preempt
 from addertrain.metrics import read_records
-
+from conftest import cli_command
 from netns import Hosts, NetnsUnavailable
 from slurm_cluster import ClusterError, SlurmCluster, install
 from test_slurm import assert_nothing_left, job_log, submit, wait_job
@@ -30,9 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY_PORT = 6379
 # The digits recipe, shortened: 6 steps of 64 images on 2 workers, checkpoints at 3 and 6.
-DIGITS = ["recipes/digits.yaml", "distributed.workers=2", "train.max_steps=6",
-          "train.eval_interval=0", "checkpoint.interval_steps=3", "logging.interval_steps=1",
-          "logging.progress=false", "run.deterministic=true"]
+DIGITS = [
+    "recipes/digits.yaml",
+    "distributed.workers=2",
+    "train.max_steps=6",
+    "train.eval_interval=0",
+    "checkpoint.interval_steps=3",
+    "logging.interval_steps=1",
+    "logging.progress=false",
+    "run.deterministic=true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +54,17 @@ def hosts():
 
 
 def launch(*args, host=None, env=None, timeout=400) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "addertrain.cli", "launch", *args]
+    cmd = cli_command("launch", *args)
     if host is not None:
         cmd = host.command(cmd)
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,43 +83,93 @@ def one_node_run(data, tmp_path_factory):
 
 # -- Ray: a head node and a worker node, token authentication on -------------------------------
 
-@contextmanager
-def ray_nodes(hosts, tmp: Path):
+
+class RayNodes:
     """``ray start`` on n0 (head) and n1, one CPU each, so each training worker gets a node;
-    the token in a file only this user can read, as slurm/addertrain.sbatch does. Yields the
-    client environment; stops the nodes by PID after."""
-    token = tmp / "token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    head = hosts[0]
-    address = f"{head.ip}:{RAY_PORT}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "RAY_ADDRESS": address, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats",
-              "--block"]
-    nodes = []
-    try:
-        for i, h in enumerate(hosts):
-            role = (["--head", f"--port={RAY_PORT}", "--include-dashboard=false"] if i == 0
-                    else [f"--address={address}"])
-            nodes.append(h.start(["ray", "start", *role, f"--node-ip-address={h.ip}",
-                                  f"--temp-dir={ray_temp(h)}", *common],
-                                 log=tmp / f"{h.name}.log", env=env))
-            wait = head.run([sys.executable, str(ROOT / "slurm" / "wait_for_nodes.py"),
-                             "--address", address, "--nodes", str(i + 1), "--timeout", "120",
-                             "--watch", str(nodes[-1].pid)], env=env)
-            assert wait.returncode == 0, wait.stderr + "".join(
-                p.read_text(errors="replace")[-2000:] for p in tmp.glob("*.log"))
-        yield env
-    finally:
-        for node in nodes:  # ray start --block stops its node's processes on SIGTERM
-            node.terminate()
-        for node in nodes:
+    the token in a file only this user can read, as slurm/addertrain.sbatch does."""
+
+    def __init__(self, hosts, tmp: Path):
+        self.hosts, self.tmp = hosts, tmp
+        token = tmp / "token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.address = f"{hosts[0].ip}:{RAY_PORT}"
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token),
+            "RAY_ADDRESS": self.address,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        }
+        self.nodes: list[subprocess.Popen] = []
+
+    def start(self, i: int) -> None:
+        """Start host i's node (the head for 0) and wait until the cluster counts it."""
+        h = self.hosts[i]
+        role = (
+            ["--head", f"--port={RAY_PORT}", "--include-dashboard=false"]
+            if i == 0
+            else [f"--address={self.address}"]
+        )
+        self.nodes.append(
+            h.start(
+                [
+                    "ray",
+                    "start",
+                    *role,
+                    f"--node-ip-address={h.ip}",
+                    f"--temp-dir={ray_temp(h)}",
+                    "--num-cpus=1",
+                    "--object-store-memory=100000000",
+                    "--disable-usage-stats",
+                    "--block",
+                ],
+                log=self.tmp / f"{h.name}-{len(self.nodes)}.log",
+                env=self.env,
+            )
+        )
+        alive = sum(n.poll() is None for n in self.nodes)
+        wait = self.hosts[0].run(
+            [
+                sys.executable,
+                str(ROOT / "slurm" / "wait_for_nodes.py"),
+                "--address",
+                self.address,
+                "--nodes",
+                str(alive),
+                "--timeout",
+                "120",
+                "--watch",
+                str(self.nodes[-1].pid),
+            ],
+            env=self.env,
+        )
+        assert wait.returncode == 0, wait.stderr + "".join(
+            p.read_text(errors="replace")[-2000:] for p in self.tmp.glob("*.log")
+        )
+
+    def stop(self) -> None:
+        for node in self.nodes:  # ray start --block stops its node's processes on SIGTERM
+            if node.poll() is None:
+                node.terminate()
+        for node in self.nodes:
             try:
                 node.wait(60)
             except subprocess.TimeoutExpired:
                 node.kill()
                 node.wait()
+
+
+@contextmanager
+def ray_nodes(hosts, tmp: Path):
+    """A head on n0 and a worker node on n1; stopped by PID after."""
+    cluster = RayNodes(hosts, tmp)
+    try:
+        for i, _ in enumerate(hosts):
+            cluster.start(i)
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def ray_temp(host) -> Path:
@@ -118,8 +181,9 @@ def train_worker_nodes(hosts) -> dict[str, int]:
     count = {}
     for h in hosts:
         logs = (ray_temp(h) / "session_latest" / "logs").glob("worker-*.out")
-        count[h.name] = sum(":actor_name:RayTrainWorker" in p.read_text(errors="replace")
-                            for p in logs)
+        count[h.name] = sum(
+            ":actor_name:RayTrainWorker" in p.read_text(errors="replace") for p in logs
+        )
     return count
 
 
@@ -128,9 +192,16 @@ def two_node_run(hosts, data, tmp_path_factory):
     """The digits job launched from n0 onto the two-node cluster, which is stopped after."""
     tmp = tmp_path_factory.mktemp("two-nodes")
     try:
-        with ray_nodes(hosts, tmp) as env:
-            out = launch(*DIGITS, f"data.root={data}", f"run.dir={tmp}", "--address",
-                         env["RAY_ADDRESS"], host=hosts[0], env=env)
+        with ray_nodes(hosts, tmp) as cluster:
+            out = launch(
+                *DIGITS,
+                f"data.root={data}",
+                f"run.dir={tmp}",
+                "--address",
+                cluster.address,
+                host=hosts[0],
+                env=cluster.env,
+            )
         return {"out": out, "run_dir": tmp / "digits", "workers": train_worker_nodes(hosts)}
     finally:
         for h in hosts:
@@ -170,7 +241,69 @@ def test_ray_job_across_two_nodes_matches_one_node(two_node_run, one_node_run):
         assert torch.allclose(ours[k], theirs[k], rtol=1e-4, atol=1e-6), k
 
 
+@pytest.mark.slow
+def test_a_lost_worker_node_is_replaced_and_the_run_ends_as_if_uninterrupted(
+    hosts, data, two_node_run, tmp_path
+):
+    """kill -9 of everything on n1 mid-run (raylet, object store, training worker); a new
+    node joins from that host, as a cluster manager brings a replacement; Ray Train restarts
+    the workers (distributed.max_failures) and they continue from the run's latest checkpoint
+    to the uninterrupted two-node run's weights, bit for bit."""
+    run_dir = tmp_path / "digits"
+    latest = run_dir / "checkpoints" / "latest"
+    try:
+        with ray_nodes(hosts, tmp_path) as cluster:
+            cmd = hosts[0].command(
+                [
+                    sys.executable,
+                    "-m",
+                    "addertrain.cli",
+                    "launch",
+                    *DIGITS,
+                    f"data.root={data}",
+                    f"run.dir={tmp_path}",
+                    "checkpoint.interval_steps=1",
+                    "distributed.max_failures=1",
+                    "--address",
+                    cluster.address,
+                ]
+            )
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=cluster.env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            deadline = time.monotonic() + 300
+            while not latest.is_file():  # a checkpoint every step: the first one, then the kill
+                assert proc.poll() is None, proc.stdout.read()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint in time"
+                time.sleep(0.02)
+            for pid in hosts[1].pids():
+                os.kill(pid, signal.SIGKILL)
+            lost_after = latest.read_text()
+            cluster.start(1)
+            out, _ = proc.communicate(timeout=400)
+    finally:
+        for h in hosts:
+            shutil.rmtree(ray_temp(h), ignore_errors=True)
+    assert proc.returncode == 0, out[-4000:]
+    assert lost_after != "step00000006", "the run ended before the node was lost"
+    resumed = re.findall(r"resumed from \S+/step(\d+) at step", out)
+    assert len(resumed) == 1 and int(resumed[0]) >= int(lost_after[4:]), out[-4000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "completed" and result["world_size"] == 2 and result["steps"] == 6
+    reference = two_node_run["run_dir"]
+    assert losses(run_dir) == losses(reference)
+    ours, theirs = final_weights(run_dir), final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    assert not [k for k in theirs if not torch.equal(ours[k], theirs[k])]
+
+
 # -- Slurm: slurmctld on n0, a slurmd on each node; slurm/submit.sh on both ---------------------
+
 
 @pytest.fixture(scope="module")
 def slurm_2(hosts):
@@ -225,9 +358,21 @@ def preempt_while_paused(cluster, job: str, workers: list[int], run_dir: Path) -
 
 @pytest.mark.slow
 def test_slurm_job_on_two_nodes_is_preempted_and_resumes_to_the_same_weights(
-        hosts, slurm_2, two_node_run, data, tmp_path):
-    job = submit(slurm_2, tmp_path, str(ROOT / DIGITS[0]), "--nodes", "2", "--cpus-per-node", "1",
-                 "--run-dir", str(tmp_path / "runs"), *DIGITS[1:], f"data.root={data}")
+    hosts, slurm_2, two_node_run, data, tmp_path
+):
+    job = submit(
+        slurm_2,
+        tmp_path,
+        str(ROOT / DIGITS[0]),
+        "--nodes",
+        "2",
+        "--cpus-per-node",
+        "1",
+        "--run-dir",
+        str(tmp_path / "runs"),
+        *DIGITS[1:],
+        f"data.root={data}",
+    )
     run_dir = tmp_path / "runs" / "digits"
     metrics = run_dir / "metrics.jsonl"
     wait_job(slurm_2, job, until=lambda j: metrics.is_file() and metrics.read_text().strip())
@@ -239,7 +384,9 @@ def test_slurm_job_on_two_nodes_is_preempted_and_resumes_to_the_same_weights(
     assert_nothing_left(job)
     end = wait_job(slurm_2, job)
     log = job_log(tmp_path, job)
-    assert end["JobState"] == "COMPLETED" and end["ExitCode"] == "0:0", f"{end}\n{log}\n{slurm_2.logs()}"
+    assert end["JobState"] == "COMPLETED" and end["ExitCode"] == "0:0", (
+        f"{end}\n{log}\n{slurm_2.logs()}"
+    )
     # Ray's head on the first node, a Ray worker node on the second, a training worker on each
     assert re.search(rf"on n0 n1; Ray head {re.escape(hosts[0].ip)}:\d+", log), log
     assert {host: len(pids) for host, pids in workers.items()} == {"n0": 1, "n1": 1}

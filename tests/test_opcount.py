@@ -11,14 +11,20 @@ from addertrain.cli import main
 # 32->64; classifier 64->4.
 STEM = 9 * 16 * 64
 HEAD = 64 * 4
-BODY = (6 * 144 * 16 * 64
-        + 144 * 32 * 16 + 5 * 288 * 32 * 16 + 16 * 32 * 16
-        + 288 * 64 * 4 + 5 * 576 * 64 * 4 + 32 * 64 * 4)
+BODY = (
+    6 * 144 * 16 * 64
+    + 144 * 32 * 16
+    + 5 * 288 * 32 * 16
+    + 16 * 32 * 16
+    + 288 * 64 * 4
+    + 5 * 576 * 64 * 4
+    + 32 * 64 * 4
+)
 TINY = opcount.ModelSpec("resnet20", num_classes=4, image_size=8, channels=1)
 
 
 def test_tiny_resnet20_counts_match_the_hand_count():
-    adder = {l.name: l for l in opcount.layers(TINY, "adder")}
+    adder = {layer.name: layer for layer in opcount.layers(TINY, "adder")}
     cnn = opcount.layers(TINY, "conv")
     assert adder["stem.0"].kind == "conv" and adder["stem.0"].macs == STEM == 9216
     first = adder["blocks.0.conv1"]
@@ -49,8 +55,12 @@ def test_energy_uses_the_45nm_fp32_figures():
 # 0.1G as printed. See docs/watching.md for what the paper counts.
 # Rounded as the paper prints them. Read from the paper's text: CNN ResNet-18's 1.8G; the rest
 # follow from the counting conventions its authors state (docs/watching.md says what is unchecked).
-PAPER = {("resnet18", "conv"): (1.8, 1.8), ("resnet18", "adder"): (0.1, 3.5),
-         ("resnet50", "conv"): (4.1, 4.1), ("resnet50", "adder"): (0.1, 8.1)}
+PAPER = {
+    ("resnet18", "conv"): (1.8, 1.8),
+    ("resnet18", "adder"): (0.1, 3.5),
+    ("resnet50", "conv"): (4.1, 4.1),
+    ("resnet50", "adder"): (0.1, 8.1),
+}
 
 
 @pytest.mark.parametrize("arch,conv", list(PAPER))
@@ -72,12 +82,15 @@ def test_ops_reads_the_model_from_a_recipe(capsys):
     assert "resnet20: one 3x8x8 image, 4 classes" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["ops", "resnet99"], "neither a recipe file nor an architecture"),
-    (["ops", "missing.yaml"], "does not exist"),
-    (["ops", "resnet18", "--image-size", "4"], "--image-size 4 is too small"),
-    (["ops", "resnet18", "--classes", "1"], "--classes 1 is too small"),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["ops", "resnet99"], "neither a recipe file nor an architecture"),
+        (["ops", "missing.yaml"], "does not exist"),
+        (["ops", "resnet18", "--image-size", "4"], "--image-size 4 is too small"),
+        (["ops", "resnet18", "--classes", "1"], "--classes 1 is too small"),
+    ],
+)
 def test_bad_ops_input_is_one_line_and_exit_2(capsys, argv, words):
     assert main(argv) == 2
     err = capsys.readouterr().err

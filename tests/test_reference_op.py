@@ -22,29 +22,42 @@ GEOMETRIES = [(k, s, p) for k in (1, 3, 7) for s in (1, 2) for p in (0, 1, 3)]
 # Low-precision inputs are rounded to their dtype, then the op accumulates in fp32 and
 # rounds its result once: the error is at most the dtype's unit roundoff (bf16 2^-8,
 # fp16 2^-11) relative to the exact value, plus fp32 summation error.
-LOW_PRECISION = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+LOW_PRECISION = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def brute_force(x, w, g, stride, padding):
-    """``(y, dX, dW)`` of the paper's definition, in float64."""
+# The backward rules as the paper writes them, on ``d = X - W``: the weight's gradient
+# (full precision ``X - W``, or its sign) and the input's (HardTanh of ``W - X``, or
+# ``W - X`` unclipped, or its sign). The first of each is the paper's method.
+WEIGHT_RULES = {"full": lambda d: d, "sign": torch.sign}
+INPUT_RULES = {
+    "hardtanh": lambda d: (-d).clamp(-1, 1),
+    "full": lambda d: -d,
+    "sign": lambda d: (-d).sign(),
+}
+
+
+def brute_force(x, w, g, stride, padding, grad="full", input_grad="hardtanh"):
+    """``(y, dX, dW)`` of the paper's definition, in float64, with the given rules."""
     x, w, g = x.double(), w.double(), g.double()
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     xp = torch.zeros(n, c, h + 2 * padding, wd + 2 * padding, dtype=torch.float64)
-    xp[:, :, padding:padding + h, padding:padding + wd] = x
+    xp[:, :, padding : padding + h, padding : padding + wd] = x
     oh, ow = g.shape[2:]
     y = torch.empty(n, o, oh, ow, dtype=torch.float64)
     dxp, dw = torch.zeros_like(xp), torch.zeros_like(w)
     for i in range(oh):
         for j in range(ow):
             top, left = i * stride, j * stride
-            patch = xp[:, :, top:top + kh, left:left + kw]          # n, c, kh, kw
-            diff = patch[:, None] - w[None]                         # n, o, c, kh, kw
+            patch = xp[:, :, top : top + kh, left : left + kw]  # n, c, kh, kw
+            diff = patch[:, None] - w[None]  # n, o, c, kh, kw
             y[:, :, i, j] = -diff.abs().sum((2, 3, 4))
             gij = g[:, :, i, j][:, :, None, None, None]
-            dw += (gij * diff).sum(0)                               # X - W, full precision
-            dxp[:, :, top:top + kh, left:left + kw] += (gij * (-diff).clamp(-1, 1)).sum(1)
-    return y, dxp[:, :, padding:padding + h, padding:padding + wd], dw
+            dw += (gij * WEIGHT_RULES[grad](diff)).sum(0)
+            dxp[:, :, top : top + kh, left : left + kw] += (
+                gij * INPUT_RULES[input_grad](diff)
+            ).sum(1)
+    return y, dxp[:, :, padding : padding + h, padding : padding + wd], dw
 
 
 def random_case(kernel, stride, padding, seed, channels=None):
@@ -54,8 +67,9 @@ def random_case(kernel, stride, padding, seed, channels=None):
     h = rng.randint(max(1, kernel - 2 * padding), 11)
     wd = rng.randint(max(1, kernel - 2 * padding), 11)
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, c, h, wd, generator=gen).relu()
-         + 0.1 * torch.randn(n, c, h, wd, generator=gen))
+    x = torch.randn(n, c, h, wd, generator=gen).relu() + 0.1 * torch.randn(
+        n, c, h, wd, generator=gen
+    )
     w = torch.randn(o, c, kernel, kernel, generator=gen)
     oh, ow = (h + 2 * padding - kernel) // stride + 1, (wd + 2 * padding - kernel) // stride + 1
     g = torch.randn(n, o, oh, ow, generator=gen)
@@ -71,9 +85,12 @@ def assert_near(actual, expected, rtol, what):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=what)
 
 
-def run_op(ops, x, w, g, stride, padding):
-    return (ops.forward(x, w, stride, padding), ops.grad_input(g, x, w, stride, padding),
-            ops.grad_weight(g, x, w, stride, padding))
+def run_op(ops, x, w, g, stride, padding, grad="full", input_grad="hardtanh"):
+    return (
+        ops.forward(x, w, stride, padding),
+        ops.grad_input(g, x, w, stride, padding, input_grad),
+        ops.grad_weight(g, x, w, stride, padding, grad),
+    )
 
 
 def official_normalised(dw):
@@ -93,20 +110,40 @@ def test_reference_matches_definition(kernel, stride, padding):
             assert_near(a, e, rtol, f"{name} {dtype}")
 
 
+@pytest.mark.parametrize(
+    "grad,input_grad", [("sign", "hardtanh"), ("full", "full"), ("sign", "sign")]
+)
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 0), (7, 2, 3), (1, 2, 0)])
+def test_reference_ablation_rules_match_definition(kernel, stride, padding, grad, input_grad):
+    x, w, g = random_case(kernel, stride, padding, seed=31 * kernel + 7 * stride + padding)
+    expected = brute_force(x, w, g, stride, padding, grad, input_grad)
+    for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        got = run_op(
+            reference, x.to(dtype), w.to(dtype), g.to(dtype), stride, padding, grad, input_grad
+        )
+        for name, a, e in zip(("forward", "grad_input", "grad_weight"), got, expected):
+            assert a.dtype == dtype, name
+            assert_near(a, e, rtol, f"{name} {dtype} {grad}/{input_grad}")
+    # the rules differ: the ablation is not the paper's backward under another name
+    changed = 2 if grad == "sign" else 1
+    assert not torch.allclose(expected[changed], brute_force(x, w, g, stride, padding)[changed])
+
+
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION))
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 0), (7, 2, 3), (1, 2, 0)])
 def test_reference_low_precision_accumulates_in_fp32(dtype, kernel, stride, padding):
     case = random_case(kernel, stride, padding, seed=7 * kernel + stride, channels=16)
     x, w, g = (t.to(dtype) for t in case)
-    expected = brute_force(x, w, g, stride, padding)     # exact on the rounded inputs
+    expected = brute_force(x, w, g, stride, padding)  # exact on the rounded inputs
     got = run_op(reference, x, w, g, stride, padding)
     for name, a, e in zip(("forward", "grad_input", "grad_weight"), got, expected):
         assert a.dtype == dtype, name
         assert_near(a, e, LOW_PRECISION[dtype] * 1.01 + 1e-6, f"{name} {dtype}")
 
 
-@pytest.mark.parametrize("kernel,stride,padding",
-                         [(3, 1, 1), (3, 2, 1), (7, 1, 3), (1, 2, 0), (7, 2, 0)])
+@pytest.mark.parametrize(
+    "kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (7, 1, 3), (1, 2, 0), (7, 2, 0)]
+)
 def test_unfold_baseline_matches_definition_with_official_normalisation(kernel, stride, padding):
     x, w, g = random_case(kernel, stride, padding, seed=kernel + 17 * padding + 5 * stride)
     y0, dx0, dw0 = brute_force(x, w, g, stride, padding)
@@ -152,13 +189,21 @@ def test_reference_memory_stays_within_stated_bound(monkeypatch, shape, dtype, c
     g = torch.randn(n, o, oh, ow, generator=gen).to(dtype)
     bound = reference.extra_bytes_bound(x.shape, w.shape, s, p, dtype)
     # the chunk buffer is always allocated by forward and grad_input: the measurement must see it
-    buffer = reference.chunk_rows(reference.block_images(n, oh * ow, c * k * k) * oh * ow, o,
-                                  c * k * k) * o * c * k * k * 4
+    buffer = (
+        reference.chunk_rows(reference.block_images(n, oh * ow, c * k * k) * oh * ow, o, c * k * k)
+        * o
+        * c
+        * k
+        * k
+        * 4
+    )
     broadcast = o * c * k * k * n * oh * ow * 4
     assert bound < broadcast / 2, "shape too small to tell chunking from broadcasting"
-    for op, call in (("forward", lambda: reference.forward(x, w, s, p)),
-                     ("grad_input", lambda: reference.grad_input(g, x, w, s, p)),
-                     ("grad_weight", lambda: reference.grad_weight(g, x, w, s, p))):
+    for op, call in (
+        ("forward", lambda: reference.forward(x, w, s, p)),
+        ("grad_input", lambda: reference.grad_input(g, x, w, s, p)),
+        ("grad_weight", lambda: reference.grad_weight(g, x, w, s, p)),
+    ):
         out, peak = peak_bytes(call, CPU)
         extra = peak - out.numel() * out.element_size()
         assert extra <= bound, f"{op}: {extra} bytes beyond inputs and output, bound {bound}"
@@ -193,10 +238,13 @@ def test_bench_op_quick_writes_table_and_json(tmp_path, capsys):
     assert table.count("\n") >= len(layers) + 3
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--batch", "0"], "--batch"),
-    (["--json", "/nonexistent-dir/op.json"], "nonexistent-dir"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--batch", "0"], "--batch"),
+        (["--json", "/nonexistent-dir/op.json"], "nonexistent-dir"),
+    ],
+)
 def test_bench_op_bad_arguments_are_user_errors(argv, needle, capsys):
     assert main(["bench", "op", *argv]) == 2
     assert needle in capsys.readouterr().err
@@ -212,13 +260,14 @@ def test_reference_on_cuda_matches_definition_within_bound(dtype):
         x, w, g = (t.to(dtype) for t in case)
         expected = brute_force(x, w, g, stride, padding)
         x, w, g = x.to(cuda), w.to(cuda), g.to(cuda)
-        got = run_op(reference, x, w, g, stride, padding)   # also warms up cuBLAS
+        got = run_op(reference, x, w, g, stride, padding)  # also warms up cuBLAS
         bound = reference.extra_bytes_bound(x.shape, w.shape, stride, padding, dtype)
         for name, a, e in zip(("forward", "grad_input", "grad_weight"), got, expected):
             assert a.device.type == "cuda" and a.dtype == dtype, name
             assert_near(a.cpu(), e, rtol, f"{name} {dtype} k{kernel}")
         for name in ("forward", "grad_input", "grad_weight"):
             args = (x, w, stride, padding) if name == "forward" else (g, x, w, stride, padding)
-            out, peak = peak_bytes(lambda: getattr(reference, name)(*args), cuda)
+            op = getattr(reference, name)
+            out, peak = peak_bytes(lambda op=op, args=args: op(*args), cuda)
             # the caching allocator rounds every block up to a multiple of 512 bytes
             assert peak - out.numel() * out.element_size() <= bound + 16 * 512, name

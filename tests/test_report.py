@@ -21,27 +21,49 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYERS = ("blocks.0.conv1", "blocks.0.conv2", "head.fc")
 
 
-def write_run(root: Path, name: str, conv: str = "adder", steps=(2, 4, 6), result=None,
-              tail: str = "") -> Path:
+def write_run(
+    root: Path, name: str, conv: str = "adder", steps=(2, 4, 6), result=None, tail: str = ""
+) -> Path:
     """A run directory as launch and the trainer leave it: config.yaml, metrics.jsonl (a train
     record per step, an evaluation at steps 4 and 6) and, once ended, result.json."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    config = {"run": {"name": name}, "data": {"image_size": 16, "channels": 3},
-              "model": {"arch": "resnet20", "conv": conv, "num_classes": 4}}
+    config = {
+        "run": {"name": name},
+        "data": {"image_size": 16, "channels": 3},
+        "model": {"arch": "resnet20", "conv": conv, "num_classes": 4},
+    }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     lines = []
     for step in steps:
-        record = {"kind": "train", "time": 1000.0 + step, "step": step, "loss": 2.0 / step,
-                  "lr": 0.1 / step, "img_per_s": 100.0 * step, "images_seen": 32 * step,
-                  "skipped_steps": 0}
+        record = {
+            "kind": "train",
+            "time": 1000.0 + step,
+            "step": step,
+            "loss": 2.0 / step,
+            "lr": 0.1 / step,
+            "img_per_s": 100.0 * step,
+            "images_seen": 32 * step,
+            "skipped_steps": 0,
+        }
         if conv == "adder":
-            record["alr_layers"] = {n: {"scale": 10.0 * step * (i + 1), "grad_norm": 0.1}
-                                    for i, n in enumerate(LAYERS[:2])}
+            record["alr_layers"] = {
+                n: {"scale": 10.0 * step * (i + 1), "grad_norm": 0.1}
+                for i, n in enumerate(LAYERS[:2])
+            }
         lines.append(record)
         if step in (4, 6):
-            lines.append({"kind": "eval", "time": 1000.5 + step, "step": step, "loss": 1.0 / step,
-                          "top1": 50.0 + step + (conv == "conv"), "top5": None, "samples": 64})
+            lines.append(
+                {
+                    "kind": "eval",
+                    "time": 1000.5 + step,
+                    "step": step,
+                    "loss": 1.0 / step,
+                    "top1": 50.0 + step + (conv == "conv"),
+                    "top5": None,
+                    "samples": 64,
+                }
+            )
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + tail)
     if result is not None:
         (run_dir / "result.json").write_text(json.dumps(result))
@@ -50,8 +72,11 @@ def write_run(root: Path, name: str, conv: str = "adder", steps=(2, 4, 6), resul
 
 def table(text: str) -> dict[str, list[str]]:
     """The markdown table printed by report, as {row title: [one cell per run]}."""
-    rows = [[c.strip() for c in line.strip("|").split("|")]
-            for line in text.splitlines() if line.startswith("|")]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("|")
+    ]
     return {r[0]: r[1:] for r in rows if not r[0].startswith("-")}
 
 
@@ -71,8 +96,12 @@ def test_two_runs_are_overlaid_in_one_png_and_one_table(tmp_path, capsys):
     assert t["evaluated at step"] == ["6", "6"] and t["img/s (median)"] == ["400.0", "400.0"]
     assert t["wall time"] == ["12 s", "-"]
     spec = opcount.ModelSpec("resnet20", 4, 16, 3)
-    assert t["#Mul / image"] == [opcount.human(opcount.cost(spec, c).mul) for c in ("adder", "conv")]
-    assert t["#Add / image"] == [opcount.human(opcount.cost(spec, c).add) for c in ("adder", "conv")]
+    assert t["#Mul / image"] == [
+        opcount.human(opcount.cost(spec, c).mul) for c in ("adder", "conv")
+    ]
+    assert t["#Add / image"] == [
+        opcount.human(opcount.cost(spec, c).add) for c in ("adder", "conv")
+    ]
     assert table(md.read_text()) == t
 
 
@@ -86,15 +115,23 @@ def test_alr_scales_are_read_per_layer_in_order(tmp_path):
 
 def test_a_running_run_is_reported_without_its_half_written_line(tmp_path, capsys):
     running = write_run(tmp_path, "live", steps=(2, 4), tail='{"kind": "train", "st')
-    (running / "launch.lock").write_text(json.dumps(
-        {"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    (running / "launch.lock").write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"})
+    )
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stopped = write_run(tmp_path, "killed", steps=(2,))
-    (stopped / "launch.lock").write_text(json.dumps({"pid": int(dead), "host": socket.gethostname()}))
+    (stopped / "launch.lock").write_text(
+        json.dumps({"pid": int(dead), "host": socket.gethostname()})
+    )
     preempted = write_run(tmp_path, "preempted", result={"status": "preempted", "steps": 6})
-    assert main(["report", str(running), str(stopped), str(preempted),
-                 "--out", str(tmp_path / "r.png")]) == 0
+    assert (
+        main(
+            ["report", str(running), str(stopped), str(preempted), "--out", str(tmp_path / "r.png")]
+        )
+        == 0
+    )
     t = table(capsys.readouterr().out)
     assert t["status"] == ["running", "unfinished", "preempted"]
     assert t["steps"] == ["4", "2", "6"]
@@ -108,15 +145,18 @@ def test_runs_of_the_same_name_are_told_apart_by_path(tmp_path, capsys):
     assert table(capsys.readouterr().out)[""] == [str(a), str(b)]
 
 
-@pytest.mark.parametrize("case,words", [
-    ("missing", "does not exist"),
-    ("empty dir", "has no metrics.jsonl"),
-    ("damaged line", "metrics.jsonl line 2 is not a JSON record"),
-    ("not a record", "line 1 is not a metrics record"),
-    ("damaged result", "result.json"),
-    ("out folder missing", "folder"),
-    ("out not png", "must name a .png file"),
-])
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("missing", "does not exist"),
+        ("empty dir", "has no metrics.jsonl"),
+        ("damaged line", "metrics.jsonl line 2 is not a JSON record"),
+        ("not a record", "line 1 is not a metrics record"),
+        ("damaged result", "result.json"),
+        ("out folder missing", "folder"),
+        ("out not png", "must name a .png file"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, words):
     run_dir, out = tmp_path / "run", tmp_path / "r.png"
     if case == "empty dir":
@@ -140,21 +180,44 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, words):
     assert not out.exists()
 
 
-TINY = ["data.image_size=8", "data.synthetic.train_size=64", "data.synthetic.val_size=16",
-        "train.global_batch=16", "train.micro_batch=8", "logging.interval_steps=1",
-        "logging.progress=false", "checkpoint.keep_best=0"]
+TINY = [
+    "data.image_size=8",
+    "data.synthetic.train_size=64",
+    "data.synthetic.val_size=16",
+    "train.global_batch=16",
+    "train.micro_batch=8",
+    "logging.interval_steps=1",
+    "logging.progress=false",
+    "checkpoint.keep_best=0",
+]
 
 
 def test_report_reads_a_real_run(tmp_path):
     launched = subprocess.run(
-        [sys.executable, "-m", "addertrain.cli", "launch", "recipes/synthetic_tiny.yaml", *TINY,
-         f"run.dir={tmp_path}", "run.name=real"], cwd=ROOT, capture_output=True, text=True,
-        timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "addertrain.cli",
+            "launch",
+            "recipes/synthetic_tiny.yaml",
+            *TINY,
+            f"run.dir={tmp_path}",
+            "run.name=real",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     run_dir = tmp_path / "real"
-    out = subprocess.run([sys.executable, "-m", "addertrain.cli", "report", str(run_dir),
-                          "--out", "real.png"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "addertrain.cli", "report", str(run_dir), "--out", "real.png"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "real.png").read_bytes().startswith(PNG_MAGIC)
     result = json.loads((run_dir / "result.json").read_text())
@@ -174,8 +237,9 @@ def test_a_reader_polling_a_live_log_sees_only_whole_records(tmp_path):
     log = MetricsLog(tmp_path, enabled=True)
     layers = {f"layer{i}": {"scale": 0.123456789, "grad_norm": 1.23456789} for i in range(400)}
     count = 60
-    writer = threading.Thread(target=lambda: [log.write("train", step=s, alr_layers=layers)
-                                              for s in range(count)])
+    writer = threading.Thread(
+        target=lambda: [log.write("train", step=s, alr_layers=layers) for s in range(count)]
+    )
     writer.start()
     seen = []
     while writer.is_alive():
@@ -195,5 +259,9 @@ def test_a_torn_last_record_is_dropped_on_resume(tmp_path):
         f.write('{"kind": "train", "step": 4, "lo')
     log.forget_after(2)
     log.write("train", step=3, loss=0.5)
-    assert [(r["step"], r["loss"]) for r in read_records(log.path)] == [(0, 1.0), (1, 1.0),
-                                                                        (2, 1.0), (3, 0.5)]
+    assert [(r["step"], r["loss"]) for r in read_records(log.path)] == [
+        (0, 1.0),
+        (1, 1.0),
+        (2, 1.0),
+        (3, 0.5),
+    ]

@@ -22,9 +22,17 @@ from addertrain.metrics import read_records
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/synthetic_tiny.yaml"
 # 16 steps of 16 images (8 per epoch, evaluations at 8 and 16), checkpoints every 5 steps.
-TINY = ["data.image_size=8", "data.synthetic.train_size=128", "data.synthetic.val_size=32",
-        "train.global_batch=16", "train.micro_batch=8", "run.deterministic=true",
-        "checkpoint.interval_steps=5", "logging.interval_steps=1", "logging.progress=false"]
+TINY = [
+    "data.image_size=8",
+    "data.synthetic.train_size=128",
+    "data.synthetic.val_size=32",
+    "train.global_batch=16",
+    "train.micro_batch=8",
+    "run.deterministic=true",
+    "checkpoint.interval_steps=5",
+    "logging.interval_steps=1",
+    "logging.progress=false",
+]
 KILL_AFTER = 12  # between the checkpoints of steps 10 and 15
 
 
@@ -33,13 +41,24 @@ def command(*args):
 
 
 def launch(*args, env=None, timeout=300):
-    return subprocess.run(command("launch", *args), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        command("launch", *args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def start(*args):
-    return subprocess.Popen(command("launch", *args), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command("launch", *args),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def train_steps(run_dir: Path) -> list[int]:
@@ -107,8 +126,11 @@ def test_checkpoints_are_kept_by_recency_and_validation(reference):
     assert (folder / "latest").read_text() == "step00000016"
     assert set(metas) >= {"step00000015", "step00000016"} and len(metas) <= 3
     best = max((m for m in metas.values() if m["top1"] is not None), key=lambda m: m["top1"])
-    evals = {r["step"]: r["top1"] for r in read_records(reference / "metrics.jsonl")
-             if r["kind"] == "eval"}
+    evals = {
+        r["step"]: r["top1"]
+        for r in read_records(reference / "metrics.jsonl")
+        if r["kind"] == "eval"
+    }
     assert best["top1"] == max(evals.values())
     assert not list(folder.glob("tmp-*"))
     result = json.loads((reference / "result.json").read_text())
@@ -163,24 +185,36 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(runs, reference):
 
 
 def test_export_and_eval_of_a_checkpoint(reference, tmp_path):
-    out = subprocess.run(command("export", str(reference), str(tmp_path / "export")), cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        command("export", str(reference), str(tmp_path / "export")),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     # the last checkpoint holds the final model
     exported = load_file(tmp_path / "export" / "model.safetensors")
     final = load_file(reference / "final" / "model.safetensors")
-    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert exported.keys() == final.keys() and all(
+        torch.equal(exported[k], final[k]) for k in final
+    )
     top1 = json.loads((reference / "result.json").read_text())["eval"]["top1"]
     for path in (tmp_path / "export", reference / "checkpoints" / "step00000016"):
-        out = subprocess.run(command("eval", str(path), "--data", "synthetic", "--json",
-                                     str(tmp_path / "eval.json")), cwd=ROOT, capture_output=True,
-                             text=True)
+        out = subprocess.run(
+            command(
+                "eval", str(path), "--data", "synthetic", "--json", str(tmp_path / "eval.json")
+            ),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         assert "top-1" in out.stdout
         assert json.loads((tmp_path / "eval.json").read_text())["top1"] == top1
 
 
 # -- bad checkpoints: one clear message each, exit 2, no traceback ---------------------------------
+
 
 def assert_user_error(out, *phrases):
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
@@ -206,8 +240,9 @@ def test_foreign_directory_is_an_error(copied, tmp_path):
     _, args = copied
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "weights.bin").write_bytes(b"x" * 10)
-    assert_user_error(launch(*args, "--resume", str(tmp_path / "foreign")),
-                      "is not an addertrain checkpoint")
+    assert_user_error(
+        launch(*args, "--resume", str(tmp_path / "foreign")), "is not an addertrain checkpoint"
+    )
 
 
 def test_truncated_checkpoint_is_an_error(copied):
@@ -224,12 +259,16 @@ def test_truncated_checkpoint_is_an_error(copied):
 
 def test_changed_recipe_is_an_error_unless_allowed(copied, tmp_path):
     ckpt, args = copied
-    assert_user_error(launch(*args, "model.arch=resnet32", "optim.lr=0.2", "--resume", str(ckpt)),
-                      "model.arch ('resnet20' -> 'resnet32')", "optim.lr (0.1 -> 0.2)",
-                      "--allow-change")
+    assert_user_error(
+        launch(*args, "model.arch=resnet32", "optim.lr=0.2", "--resume", str(ckpt)),
+        "model.arch ('resnet20' -> 'resnet32')",
+        "optim.lr (0.1 -> 0.2)",
+        "--allow-change",
+    )
     # a deliberate change: two more epochs from the finished run's checkpoint
-    out = launch(*args, "schedule.epochs=3", "--allow-change", "schedule.epochs",
-                 "--resume", str(ckpt))
+    out = launch(
+        *args, "schedule.epochs=3", "--allow-change", "schedule.epochs", "--resume", str(ckpt)
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert resumed_step(out.stdout) == 16
     assert train_steps(tmp_path / "runs" / "synthetic-tiny") == list(range(17, 25))
@@ -246,6 +285,7 @@ def test_sharded_state_across_world_sizes_is_refused(copied):
 
 # -- the folder/DALI loader: the mid-epoch reader position ---------------------------------------
 
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     from addertrain.data.digits import prepare_digits
@@ -255,11 +295,23 @@ def digits(tmp_path_factory):
 
 def test_kill_9_mid_epoch_with_the_dali_loader(runs, digits):
     # digits: 1437 training images in batches of 64 -> 22 steps per epoch; killed mid-epoch 1
-    folder = ["recipes/digits.yaml", f"data.root={digits}", "data.image_size=8", "model.arch=resnet20",
-              "distributed.executor=local", "distributed.workers=1", "train.global_batch=64",
-              "train.micro_batch=32", "train.max_steps=30", "train.eval_interval=0",
-              "checkpoint.interval_steps=25", "logging.interval_steps=1", "logging.progress=false",
-              "run.deterministic=true", f"run.dir={runs}"]
+    folder = [
+        "recipes/digits.yaml",
+        f"data.root={digits}",
+        "data.image_size=8",
+        "model.arch=resnet20",
+        "distributed.executor=local",
+        "distributed.workers=1",
+        "train.global_batch=64",
+        "train.micro_batch=32",
+        "train.max_steps=30",
+        "train.eval_interval=0",
+        "checkpoint.interval_steps=25",
+        "logging.interval_steps=1",
+        "logging.progress=false",
+        "run.deterministic=true",
+        f"run.dir={runs}",
+    ]
     ref = launch(*folder, "run.name=dali-ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
     proc = start(*folder, "run.name=dali-killed")
@@ -269,7 +321,9 @@ def test_kill_9_mid_epoch_with_the_dali_loader(runs, digits):
     out = launch(*folder, "run.name=dali-killed")
     assert out.returncode == 0, out.stderr[-3000:]
     assert resumed_step(out.stdout) == 25  # mid-epoch: step 3 of epoch 1
-    state = json.loads((runs / "dali-ref" / "checkpoints" / "step00000025" / "rank0.json").read_text())
+    state = json.loads(
+        (runs / "dali-ref" / "checkpoints" / "step00000025" / "rank0.json").read_text()
+    )
     assert state["train_data"]["step"] == 3 * 2 and "dali" in state["train_data"]
     ours, theirs = losses(runs / "dali-killed"), losses(runs / "dali-ref")
     assert ours == theirs and sorted(ours) == list(range(1, 31))
@@ -278,13 +332,23 @@ def test_kill_9_mid_epoch_with_the_dali_loader(runs, digits):
 
 # -- Ray: a worker dies, Ray restarts the group from the checkpoint ------------------------------
 
+
 def ray_workers(pid: int) -> list[psutil.Process]:
-    return [p for p in psutil.Process(pid).children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline())]
+    return [
+        p
+        for p in psutil.Process(pid).children(recursive=True)
+        if "RayTrainWorker" in " ".join(p.cmdline())
+    ]
 
 
-RAY = (RECIPE, *TINY, "distributed.executor=ray", "distributed.workers=2",
-       "distributed.max_failures=1", "checkpoint.keep_last=5")
+RAY = (
+    RECIPE,
+    *TINY,
+    "distributed.executor=ray",
+    "distributed.workers=2",
+    "distributed.max_failures=1",
+    "checkpoint.keep_last=5",
+)
 
 
 @pytest.fixture(scope="module")
@@ -316,8 +380,14 @@ def test_resume_on_one_worker_from_a_two_worker_checkpoint(runs, ray_reference):
     # the same global batch on one worker (local executor), from the 2-worker checkpoint at 10
     ckpt = ray_reference / "checkpoints"
     shutil.copytree(ckpt / "step00000010", runs / "from-2-workers-ckpt")
-    out = launch(RECIPE, *TINY, f"run.dir={runs}", "run.name=one-worker", "--resume",
-                 str(runs / "from-2-workers-ckpt"))
+    out = launch(
+        RECIPE,
+        *TINY,
+        f"run.dir={runs}",
+        "run.name=one-worker",
+        "--resume",
+        str(runs / "from-2-workers-ckpt"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert resumed_step(out.stdout) == 10
     ours, theirs = losses(runs / "one-worker"), losses(ray_reference)

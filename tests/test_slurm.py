@@ -27,8 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "slurm"
 RECIPE = ROOT / "recipes" / "digits.yaml"
 FINAL_WEIGHTS = Path("final") / "model.safetensors"
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-        "DEADLINE", "PREEMPTED"}
+DONE = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 @pytest.fixture(scope="session")
@@ -57,13 +66,17 @@ def wait_job(cluster: SlurmCluster, job_id: str, timeout: float = 240, until=Non
         if job.get("JobState") in DONE:
             if until is None:
                 return job
-            pytest.fail(f"job {job_id} ended ({job['JobState']}, exit {job.get('ExitCode')}) "
-                        "before the awaited point")
+            pytest.fail(
+                f"job {job_id} ended ({job['JobState']}, exit {job.get('ExitCode')}) "
+                "before the awaited point"
+            )
         if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
             cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
         time.sleep(0.5)
-    pytest.fail(f"job {job_id} still {cluster.job(job_id).get('JobState')} after {timeout} s\n"
-                f"{cluster.logs()}")
+    pytest.fail(
+        f"job {job_id} still {cluster.job(job_id).get('JobState')} after {timeout} s\n"
+        f"{cluster.logs()}"
+    )
 
 
 def submit(cluster, cwd: Path, *args) -> str:
@@ -85,14 +98,29 @@ def assert_nothing_left(job_id):
 
 # -- the multi-node plan (no cluster needed beyond scontrol's host list expansion) --------------
 
+
 def plan(cluster, **env) -> dict:
     """Run plan_cluster from slurm/cluster.sh with a fake job environment; its variables."""
-    names = ("nodes", "head", "workers", "head_ip", "gcs_address", "gcs_port", "ray_tmp",
-             "job_dir", "token_file", "head_step", "worker_step", "stop_step")
-    script = (f"source {shlex.quote(str(SLURM / 'cluster.sh'))}; plan_cluster; " +
-              "; ".join(f'printf "%s\\0" {n} "${{{n}[@]}}"; echo' for n in names))
-    r = subprocess.run(["bash", "-c", script], env={**cluster.env, **env}, capture_output=True,
-                       text=True)
+    names = (
+        "nodes",
+        "head",
+        "workers",
+        "head_ip",
+        "gcs_address",
+        "gcs_port",
+        "ray_tmp",
+        "job_dir",
+        "token_file",
+        "head_step",
+        "worker_step",
+        "stop_step",
+    )
+    script = f"source {shlex.quote(str(SLURM / 'cluster.sh'))}; plan_cluster; " + "; ".join(
+        f'printf "%s\\0" {n} "${{{n}[@]}}"; echo' for n in names
+    )
+    r = subprocess.run(
+        ["bash", "-c", script], env={**cluster.env, **env}, capture_output=True, text=True
+    )
     if r.returncode:
         return {"error": r.stderr.strip(), "rc": r.returncode}
     out = {}
@@ -109,9 +137,14 @@ def flag(cmd: list[str], name: str) -> str:
 
 
 def test_multi_node_plan_puts_head_on_first_node_and_workers_on_the_rest(slurm, tmp_path):
-    p = plan(slurm, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-09]",
-             SLURM_CPUS_PER_TASK="16", ADDERTRAIN_HEAD_IP="10.1.0.7",
-             SLURM_SUBMIT_DIR=str(tmp_path))
+    p = plan(
+        slurm,
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="gpu[07-09]",
+        SLURM_CPUS_PER_TASK="16",
+        ADDERTRAIN_HEAD_IP="10.1.0.7",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+    )
     assert "error" not in p, p
     assert p["nodes"] == ["gpu07", "gpu08", "gpu09"]
     assert p["head"] == ["gpu07"] and p["workers"] == ["gpu08", "gpu09"]
@@ -136,11 +169,18 @@ def test_multi_node_plan_puts_head_on_first_node_and_workers_on_the_rest(slurm, 
 
 def test_port_blocks_of_different_jobs_do_not_overlap(slurm):
     def ports(job_id):
-        p = plan(slurm, SLURM_JOB_ID=str(job_id), SLURM_JOB_NODELIST="n[1-2]",
-                 ADDERTRAIN_HEAD_IP="10.0.0.1")
+        p = plan(
+            slurm,
+            SLURM_JOB_ID=str(job_id),
+            SLURM_JOB_NODELIST="n[1-2]",
+            ADDERTRAIN_HEAD_IP="10.0.0.1",
+        )
         step = p["head_step"]
-        fixed = [int(a.split("=")[1]) for a in step
-                 if re.match(r"--([a-z-]+-)?port=", a) and "worker-port" not in a]
+        fixed = [
+            int(a.split("=")[1])
+            for a in step
+            if re.match(r"--([a-z-]+-)?port=", a) and "worker-port" not in a
+        ]
         lo, hi = int(flag(step, "--min-worker-port")), int(flag(step, "--max-worker-port"))
         assert len(fixed) == len(set(fixed)) and not any(lo <= f <= hi for f in fixed)
         return set(fixed) | set(range(lo, hi + 1))
@@ -159,15 +199,25 @@ def test_multi_node_plan_refuses_a_loopback_head(slurm):
 
 
 def test_join_wait_names_what_it_waited_for(tmp_path):
-    wait = [sys.executable, str(SLURM / "wait_for_nodes.py"), "--address", "127.0.0.1:9",
-            "--nodes", "2"]
+    wait = [
+        sys.executable,
+        str(SLURM / "wait_for_nodes.py"),
+        "--address",
+        "127.0.0.1:9",
+        "--nodes",
+        "2",
+    ]
     r = subprocess.run(wait + ["--timeout", "1"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "timed out after 1 s waiting for the Ray head to listen at 127.0.0.1:9" in r.stderr
     gone = subprocess.Popen(["true"])
     gone.wait()
-    r = subprocess.run(wait + ["--timeout", "60", "--watch", str(gone.pid)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        wait + ["--timeout", "60", "--watch", str(gone.pid)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and f"(pid {gone.pid}) exited" in r.stderr
 
 
@@ -179,8 +229,13 @@ def ray_node_start(tmp_path: Path, ray_tmp: Path, *ray_args: str, **env) -> subp
     if not (bin_dir / "python3").exists():
         (bin_dir / "python3").symlink_to(sys.executable)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "31337", **env}
-    return subprocess.Popen(["bash", str(SLURM / "ray-node.sh"), "start", str(ray_tmp), *ray_args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        ["bash", str(SLURM / "ray-node.sh"), "start", str(ray_tmp), *ray_args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_worker_node_waits_for_the_head_before_ray_start(tmp_path):
@@ -191,8 +246,9 @@ def test_worker_node_waits_for_the_head_before_ray_start(tmp_path):
         worker = ray_node_start(tmp_path, tmp_path / "rt", f"--address=127.0.0.1:{port}")
         try:
             time.sleep(1.5)
-            assert worker.poll() is None, \
+            assert worker.poll() is None, (
                 f"the worker did not wait for the head: {worker.communicate()[1]}"
+            )
             head.listen()
             _, err = worker.communicate(timeout=60)
         finally:
@@ -204,13 +260,19 @@ def test_worker_node_waits_for_the_head_before_ray_start(tmp_path):
     # A head that never listens: a clear error after ADDERTRAIN_JOIN_TIMEOUT, no ray start.
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
-        worker = ray_node_start(tmp_path, tmp_path / "rt2",
-                                f"--address=127.0.0.1:{closed.getsockname()[1]}",
-                                ADDERTRAIN_JOIN_TIMEOUT="1")
+        worker = ray_node_start(
+            tmp_path,
+            tmp_path / "rt2",
+            f"--address=127.0.0.1:{closed.getsockname()[1]}",
+            ADDERTRAIN_JOIN_TIMEOUT="1",
+        )
         _, err = worker.communicate(timeout=60)
     assert worker.returncode == 1, err
-    assert re.search(r"addertrain-slurm: error: .+: timed out after 1 s waiting for the Ray head "
-                     r"to listen at 127\.0\.0\.1:\d+; raise ADDERTRAIN_JOIN_TIMEOUT", err), err
+    assert re.search(
+        r"addertrain-slurm: error: .+: timed out after 1 s waiting for the Ray head "
+        r"to listen at 127\.0\.0\.1:\d+; raise ADDERTRAIN_JOIN_TIMEOUT",
+        err,
+    ), err
     assert "command not found" not in err
 
 
@@ -243,9 +305,13 @@ def test_ray_node_refuses_a_temp_dir_it_does_not_own(tmp_path, kind):
     assert "not requeued" in err and "ADDERTRAIN_RAY_TMP" in err
     assert "command not found" not in err
     # Stopping the job's Ray on the node reads and removes nothing there either.
-    r = subprocess.run(["bash", str(SLURM / "ray-node.sh"), "stop", str(ray_tmp)],
-                       env={**os.environ, "SLURM_JOB_ID": "31337"}, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ["bash", str(SLURM / "ray-node.sh"), "stop", str(ray_tmp)],
+        env={**os.environ, "SLURM_JOB_ID": "31337"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in ray_tmp.iterdir()) == ["planted"]
 
@@ -260,16 +326,30 @@ def test_ray_node_makes_its_temp_dir_private(tmp_path):
     assert ray_tmp.stat().st_uid == os.getuid()
 
 
-@pytest.mark.parametrize("gpus, overrides, message", [
-    (None, ["distributed.zero_stage=3"], "distributed.zero_stage=3 is not supported"),
-    # The digits recipe's Ray workers have no GPU, whatever the login node has.
-    (None, ["train.precision=fp16"], "train.precision=fp16 needs a CUDA device"),
-    ("0", ["distributed.executor=local", "train.precision=fp16"], "needs a CUDA device"),
-    ("1", ["train.precision=fp16", "distributed.gpus_per_worker=1"], None),
-    ("2", ["distributed.executor=local", "train.precision=fp16"], None),
-    (None, ["train.micro_batch=16", "distributed.workers=3"], "cannot be split|must be a multiple"),
-], ids=["zero3", "fp16-cpu-workers", "fp16-local-no-gpu", "fp16-gpu-workers", "fp16-local-gpu",
-        "batch-split"])
+@pytest.mark.parametrize(
+    "gpus, overrides, message",
+    [
+        (None, ["distributed.zero_stage=3"], "distributed.zero_stage=3 is not supported"),
+        # The digits recipe's Ray workers have no GPU, whatever the login node has.
+        (None, ["train.precision=fp16"], "train.precision=fp16 needs a CUDA device"),
+        ("0", ["distributed.executor=local", "train.precision=fp16"], "needs a CUDA device"),
+        ("1", ["train.precision=fp16", "distributed.gpus_per_worker=1"], None),
+        ("2", ["distributed.executor=local", "train.precision=fp16"], None),
+        (
+            None,
+            ["train.micro_batch=16", "distributed.workers=3"],
+            "cannot be split|must be a multiple",
+        ),
+    ],
+    ids=[
+        "zero3",
+        "fp16-cpu-workers",
+        "fp16-local-no-gpu",
+        "fp16-gpu-workers",
+        "fp16-local-gpu",
+        "batch-split",
+    ],
+)
 def test_check_recipe_runs_the_checks_launch_runs_before_workers_start(gpus, overrides, message):
     cmd = [sys.executable, str(SLURM / "check_recipe.py")]
     if gpus is not None:
@@ -286,20 +366,40 @@ def test_check_recipe_runs_the_checks_launch_runs_before_workers_start(gpus, ove
 def test_submit_checks_the_recipe_before_queueing(slurm, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("run: {name: check}\n")
-    r = slurm.run(str(SLURM / "submit.sh"), str(recipe), "optim.lrr=0.1", cwd=tmp_path,
-                  check=False)
+    r = slurm.run(str(SLURM / "submit.sh"), str(recipe), "optim.lrr=0.1", cwd=tmp_path, check=False)
     assert r.returncode == 2 and "unknown key optim.lrr" in r.stderr, r.stderr
-    r = slurm.run(str(SLURM / "submit.sh"), str(tmp_path / "missing.yaml"), cwd=tmp_path,
-                  check=False)
+    r = slurm.run(
+        str(SLURM / "submit.sh"), str(tmp_path / "missing.yaml"), cwd=tmp_path, check=False
+    )
     assert r.returncode == 2 and "missing.yaml does not exist" in r.stderr
-    r = slurm.run(str(SLURM / "submit.sh"), str(recipe), "train.precision=fp16", cwd=tmp_path,
-                  check=False)
+    r = slurm.run(
+        str(SLURM / "submit.sh"), str(recipe), "train.precision=fp16", cwd=tmp_path, check=False
+    )
     assert r.returncode == 2 and "train.precision=fp16 needs a CUDA device" in r.stderr, r.stderr
-    r = slurm.run(str(SLURM / "submit.sh"), str(recipe), "--gpus-per-node", "1",
-                  "train.precision=fp16", "--dry-run", cwd=tmp_path, check=False)
+    r = slurm.run(
+        str(SLURM / "submit.sh"),
+        str(recipe),
+        "--gpus-per-node",
+        "1",
+        "train.precision=fp16",
+        "--dry-run",
+        cwd=tmp_path,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
-    r = slurm.run(str(SLURM / "submit.sh"), str(recipe), "--nodes", "2", "--gpus-per-node", "2",
-                  "--time", "1:00:00", "--dry-run", cwd=tmp_path, check=False)
+    r = slurm.run(
+        str(SLURM / "submit.sh"),
+        str(recipe),
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--time",
+        "1:00:00",
+        "--dry-run",
+        cwd=tmp_path,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     cmd = shlex.split(r.stdout)
     assert cmd[0] == "sbatch" and "--nodes=2" in cmd and "--gpus-per-node=2" in cmd
@@ -310,11 +410,22 @@ def test_submit_checks_the_recipe_before_queueing(slurm, tmp_path):
 
 # -- real jobs: the digits recipe on 2 CPU workers -----------------------------------------------
 
+
 def digits_args(cwd: Path) -> list[str]:
     # Each job gets half of the test node, so the two runs below share it at the same time.
-    return [str(RECIPE), "--cpus-per-node", "2", "--run-dir", str(cwd / "runs"),
-            "distributed.workers=2", "train.max_steps=24", "checkpoint.interval_steps=8",
-            "logging.interval_steps=2", f"data.root={cwd / 'digits-data'}", "run.name=digits"]
+    return [
+        str(RECIPE),
+        "--cpus-per-node",
+        "2",
+        "--run-dir",
+        str(cwd / "runs"),
+        "distributed.workers=2",
+        "train.max_steps=24",
+        "checkpoint.interval_steps=8",
+        "logging.interval_steps=2",
+        f"data.root={cwd / 'digits-data'}",
+        "run.name=digits",
+    ]
 
 
 def token_path(cwd: Path, job_id: str) -> Path:
@@ -328,8 +439,11 @@ def digits_jobs(slurm, tmp_path_factory):
     jobs = {}
     for name in ("reference", "preempted"):
         cwd = tmp_path_factory.mktemp(name)
-        jobs[name] = {"cwd": cwd, "id": submit(slurm, cwd, *digits_args(cwd)),
-                      "run_dir": cwd / "runs" / "digits"}
+        jobs[name] = {
+            "cwd": cwd,
+            "id": submit(slurm, cwd, *digits_args(cwd)),
+            "run_dir": cwd / "runs" / "digits",
+        }
     ref, pre = jobs["reference"], jobs["preempted"]
 
     metrics = pre["run_dir"] / "metrics.jsonl"
@@ -339,11 +453,16 @@ def digits_jobs(slurm, tmp_path_factory):
         job["state_mid_run"] = slurm.job(job["id"]).get("JobState")
         token = token_path(job["cwd"], job["id"])
         job["token"] = token.read_text()
-        job["modes"] = (stat.S_IMODE(token.stat().st_mode),
-                        stat.S_IMODE(token.parent.stat().st_mode))
+        job["modes"] = (
+            stat.S_IMODE(token.stat().st_mode),
+            stat.S_IMODE(token.parent.stat().st_mode),
+        )
         ray_tmp = Path(f"/tmp/ray-{os.getuid()}-{job['id']}")
-        job["ray_tmp"] = (stat.S_IMODE(ray_tmp.stat().st_mode), ray_tmp.stat().st_uid,
-                          (ray_tmp / "ray" / "session_latest").exists())
+        job["ray_tmp"] = (
+            stat.S_IMODE(ray_tmp.stat().st_mode),
+            ray_tmp.stat().st_uid,
+            (ray_tmp / "ray" / "session_latest").exists(),
+        )
     slurm.run("scancel", "--batch", "--signal=USR1", pre["id"])
     wait_job(slurm, pre["id"], until=lambda job: job.get("Restarts") == "1")
     for job in (ref, pre):
@@ -363,6 +482,8 @@ def test_digits_job_completes_with_checkpoints_and_metrics(digits_jobs):
     assert latest.is_file(), f"no published checkpoint: {sorted(map(str, run_dir.rglob('*')))}"
     meta = json.loads((latest.parent / latest.read_text().strip() / "meta.json").read_text())
     assert meta["step"] > 0
+    # addertrain keeps the checkpoints' books; Ray Train keeps no second list of them
+    assert not (run_dir / "checkpoint_manager_snapshot.json").exists()
     assert (run_dir / FINAL_WEIGHTS).is_file()
     assert "Ray nodes joined" in log and "run finished" in log
     assert not token_path(ref["cwd"], ref["id"]).parent.exists(), "token folder left behind"
@@ -371,8 +492,8 @@ def test_digits_job_completes_with_checkpoints_and_metrics(digits_jobs):
 
 @pytest.mark.slow
 def test_preempted_job_requeues_and_resumes_to_the_same_weights(digits_jobs):
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     pre, ref = digits_jobs["preempted"], digits_jobs["reference"]
     job, log = pre["end"], pre["log"]
@@ -408,11 +529,23 @@ def test_two_jobs_on_one_node_keep_their_own_cluster_and_token(digits_jobs):
 def test_requeue_cap_ends_the_job(slurm, tmp_path):
     # Warned while Ray is still starting: the run never starts, there is nothing to lose,
     # and with no requeues left the job ends with the requeue code instead of looping.
-    job_id = submit(slurm, tmp_path, str(RECIPE), "--cpus-per-node", "2", "--max-requeues", "0",
-                    f"run.dir={tmp_path / 'runs'}")
+    job_id = submit(
+        slurm,
+        tmp_path,
+        str(RECIPE),
+        "--cpus-per-node",
+        "2",
+        "--max-requeues",
+        "0",
+        f"run.dir={tmp_path / 'runs'}",
+    )
     log = tmp_path / f"addertrain-{job_id}.out"
-    wait_job(slurm, job_id, timeout=60,
-             until=lambda job: log.is_file() and "(restart 0)" in log.read_text())
+    wait_job(
+        slurm,
+        job_id,
+        timeout=60,
+        until=lambda job: log.is_file() and "(restart 0)" in log.read_text(),
+    )
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)
     job = wait_job(slurm, job_id, timeout=120)
     text = log.read_text()
@@ -426,9 +559,17 @@ def test_job_refuses_a_ray_temp_dir_made_by_someone_else(slurm, tmp_path):
     # The job ID is known only once queued: hold the job, plant the folder, release it.
     rt = tmp_path / "rt"
     rt.mkdir()
-    r = slurm.run("sbatch", "--parsable", "--hold", "--cpus-per-task=2",
-                  str(SLURM / "addertrain.sbatch"), str(RECIPE), f"run.dir={tmp_path / 'runs'}",
-                  cwd=tmp_path, env={**slurm.env, "ADDERTRAIN_RAY_TMP": str(rt)})
+    r = slurm.run(
+        "sbatch",
+        "--parsable",
+        "--hold",
+        "--cpus-per-task=2",
+        str(SLURM / "addertrain.sbatch"),
+        str(RECIPE),
+        f"run.dir={tmp_path / 'runs'}",
+        cwd=tmp_path,
+        env={**slurm.env, "ADDERTRAIN_RAY_TMP": str(rt)},
+    )
     job_id = r.stdout.strip().split(";")[0]
     ray_tmp = rt / f"ray-{os.getuid()}-{job_id}"
     foreign_dir("world-writable", ray_tmp)
@@ -444,19 +585,31 @@ def test_job_refuses_a_ray_temp_dir_made_by_someone_else(slurm, tmp_path):
     assert_nothing_left(job_id)
 
 
-@pytest.mark.parametrize("bad, message, ray_started", [
-    # caught by the batch script before any Ray process starts
-    ("optim.lrr=0.1", "unknown key optim.lrr", False),
-    # launch's engine checks, also run by the batch script before Ray starts
-    ("distributed.zero_stage=3", "distributed.zero_stage=3 is not supported", False),
-    # caught by addertrain launch on the running cluster
-    ("data.root={tmp}/no-such-dataset", "no-such-dataset", True),
-], ids=["recipe", "engine", "dataset"])
+@pytest.mark.parametrize(
+    "bad, message, ray_started",
+    [
+        # caught by the batch script before any Ray process starts
+        ("optim.lrr=0.1", "unknown key optim.lrr", False),
+        # launch's engine checks, also run by the batch script before Ray starts
+        ("distributed.zero_stage=3", "distributed.zero_stage=3 is not supported", False),
+        # caught by addertrain launch on the running cluster
+        ("data.root={tmp}/no-such-dataset", "no-such-dataset", True),
+    ],
+    ids=["recipe", "engine", "dataset"],
+)
 def test_bad_input_fails_fast_and_is_not_requeued(slurm, tmp_path, bad, message, ray_started):
     # Straight to sbatch: submit.sh would refuse the recipe typo before queueing.
-    r = slurm.run("sbatch", "--parsable", "--cpus-per-task=2", str(SLURM / "addertrain.sbatch"),
-                  str(RECIPE), bad.format(tmp=tmp_path), "data.prepare=null",
-                  f"run.dir={tmp_path / 'runs'}", cwd=tmp_path)
+    r = slurm.run(
+        "sbatch",
+        "--parsable",
+        "--cpus-per-task=2",
+        str(SLURM / "addertrain.sbatch"),
+        str(RECIPE),
+        bad.format(tmp=tmp_path),
+        "data.prepare=null",
+        f"run.dir={tmp_path / 'runs'}",
+        cwd=tmp_path,
+    )
     job_id = r.stdout.strip().split(";")[0]
     job = wait_job(slurm, job_id, timeout=120)
     log = job_log(tmp_path, job_id)

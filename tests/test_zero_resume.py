@@ -15,17 +15,38 @@ from test_resume import assert_same_weights, losses, resumed_step, train_steps, 
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8 steps of 16 images on 2 ranks, checkpoints every 3 steps; killed between 3 and 6.
-ARGS = ["recipes/synthetic_tiny.yaml", "data.image_size=8", "data.synthetic.train_size=128",
-        "train.global_batch=16", "train.micro_batch=8", "train.max_steps=8",
-        "train.eval_interval=0", "run.deterministic=true", "checkpoint.interval_steps=3",
-        "checkpoint.keep_last=5", "logging.interval_steps=1", "logging.progress=false",
-        "distributed.executor=local", "distributed.workers=2"]
+ARGS = [
+    "recipes/synthetic_tiny.yaml",
+    "data.image_size=8",
+    "data.synthetic.train_size=128",
+    "train.global_batch=16",
+    "train.micro_batch=8",
+    "train.max_steps=8",
+    "train.eval_interval=0",
+    "run.deterministic=true",
+    "checkpoint.interval_steps=3",
+    "checkpoint.keep_last=5",
+    "logging.interval_steps=1",
+    "logging.progress=false",
+    "distributed.executor=local",
+    "distributed.workers=2",
+]
 KILL_AFTER = 4
 
 
 def torchrun(*args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "-m", "addertrain.cli", "launch", *ARGS, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "addertrain.cli",
+        "launch",
+        *ARGS,
+        *args,
+    ]
 
 
 def run(*args) -> subprocess.CompletedProcess:
@@ -51,8 +72,9 @@ def test_zero_kill_9_then_resume_gives_the_same_weights(tmp_path, zero):
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     args = (*common, "run.name=killed")
-    proc = subprocess.Popen(torchrun(*args), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        torchrun(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         wait_for_step(proc, tmp_path / "killed", KILL_AFTER)
     finally:

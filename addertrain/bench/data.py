@@ -1,4 +1,5 @@
-"""``addertrain bench data DIR``: decoded + augmented images/s, DALI pipeline vs a PyTorch DataLoader.
+"""``addertrain bench data DIR``: decoded + augmented images/s, DALI pipeline vs a PyTorch
+DataLoader.
 
 Both sides do the same work on the same training split: decode, random resized crop,
 resize to the image size, random flip, normalize to float CHW, in batches. DALI runs
@@ -60,8 +61,11 @@ class PillowFolder:
 
         with Image.open(self.files[i]) as img:
             img = img.convert("RGB")
-        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR,
-                         box=random_resized_crop_box(*img.size, random))
+        img = img.resize(
+            (self.size, self.size),
+            Image.Resampling.BILINEAR,
+            box=random_resized_crop_box(*img.size, random),
+        )
         if random.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
@@ -84,7 +88,9 @@ def _forever(loader):
         yield from loader
 
 
-def bench(root: str, split: str, size: int, batch: int, workers: int, count: int, warmup: int) -> dict:
+def bench(
+    root: str, split: str, size: int, batch: int, workers: int, count: int, warmup: int
+) -> dict:
     import torch
 
     from addertrain.config import DataConfig
@@ -93,30 +99,56 @@ def bench(root: str, split: str, size: int, batch: int, workers: int, count: int
 
     index = index_split(root, split, class_names(root, split))
     if len(index.files) < batch:
-        raise UserError(f"{root}/{split} has {len(index.files)} images, fewer than one batch of {batch}; "
-                        "lower --batch or use a bigger dataset")
-    cfg = DataConfig(source="folder", root=str(root), train_split=split, image_size=size,
-                     crop_scale=SCALE, crop_ratio=RATIO, mean=MEAN, std=STD, threads=workers)
+        raise UserError(
+            f"{root}/{split} has {len(index.files)} images, fewer than one batch of {batch}; "
+            "lower --batch or use a bigger dataset"
+        )
+    cfg = DataConfig(
+        source="folder",
+        root=str(root),
+        train_split=split,
+        image_size=size,
+        crop_scale=SCALE,
+        crop_ratio=RATIO,
+        mean=MEAN,
+        std=STD,
+        threads=workers,
+    )
     dali = FolderLoader(index, cfg, True, batch, 0, 1, torch.device("cpu"), seed=0)
     results = {"dali": _measure(_forever(dali), count, warmup, batch)}
     del dali
     loader = torch.utils.data.DataLoader(
-        PillowFolder(index.files, index.labels, size), batch_size=batch, shuffle=True,
-        num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+        PillowFolder(index.files, index.labels, size),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
     results["torch"] = _measure(_forever(loader), count, warmup, batch)
     return {
-        "dataset": str(root), "split": split, "images_in_split": len(index.files),
-        "image_size": size, "batch": batch, "workers": workers, "device": "cpu",
-        "torch_threads": torch.get_num_threads(), **results,
+        "dataset": str(root),
+        "split": split,
+        "images_in_split": len(index.files),
+        "image_size": size,
+        "batch": batch,
+        "workers": workers,
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        **results,
         "ratio_dali_over_torch": results["dali"]["img_per_s"] / results["torch"]["img_per_s"],
-        "note": "DALI's GPU pipeline is not measured: its wheel is too large for the lent GPU machine",
+        "note": (
+            "DALI's GPU pipeline is not measured: its wheel is too large for the lent GPU machine"
+        ),
     }
 
 
 def format_table(r: dict) -> str:
-    lines = [f"{r['dataset']}/{r['split']}: {r['images_in_split']} images -> {r['image_size']}px, "
-             f"batch {r['batch']}, {r['workers']} workers, CPU",
-             f"  {'pipeline':<28} {'images':>8} {'seconds':>8} {'img/s':>9}"]
+    lines = [
+        f"{r['dataset']}/{r['split']}: {r['images_in_split']} images -> {r['image_size']}px, "
+        f"batch {r['batch']}, {r['workers']} workers, CPU",
+        f"  {'pipeline':<28} {'images':>8} {'seconds':>8} {'img/s':>9}",
+    ]
     for key, name in (("dali", "DALI (CPU operators)"), ("torch", "DataLoader + Pillow")):
         m = r[key]
         lines.append(f"  {name:<28} {m['images']:>8} {m['seconds']:>8.2f} {m['img_per_s']:>9.1f}")
@@ -127,9 +159,13 @@ def format_table(r: dict) -> str:
 def add_arguments(p) -> None:
     p.add_argument("dir", help="dataset folder (ImageNet layout)")
     p.add_argument("--split", default="train", help="split to read (default train)")
-    p.add_argument("--image-size", type=int, default=224, help="output side in pixels (default 224)")
+    p.add_argument(
+        "--image-size", type=int, default=224, help="output side in pixels (default 224)"
+    )
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader worker processes")
+    p.add_argument(
+        "--workers", type=int, default=2, help="DALI threads = DataLoader worker processes"
+    )
     p.add_argument("--batches", type=int, default=20, help="batches timed per pipeline")
     p.add_argument("--warmup", type=int, default=3, help="batches run before timing")
     p.add_argument("--json", default="bench_data.json", help="where to write the results")
@@ -137,9 +173,12 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     if min(args.batch, args.workers, args.batches, args.image_size) < 1 or args.warmup < 0:
-        raise UserError("--batch, --workers, --batches and --image-size must be at least 1, --warmup at least 0")
-    result = bench(args.dir, args.split, args.image_size, args.batch, args.workers,
-                   args.batches, args.warmup)
+        raise UserError(
+            "--batch, --workers, --batches and --image-size must be at least 1, --warmup at least 0"
+        )
+    result = bench(
+        args.dir, args.split, args.image_size, args.batch, args.workers, args.batches, args.warmup
+    )
     print(format_table(result))
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(f"results written to {args.json}")

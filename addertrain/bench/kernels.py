@@ -19,13 +19,18 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from addertrain.errors import UserError
 
-HELP = ("adder kernels vs the unfold formulation and conv2d on every ResNet-50 adder layer, "
-        "fraction of the measured FP32 ceiling, whole-network img/s (table + JSON)")
+if TYPE_CHECKING:
+    from addertrain.models.shapes import Layer
+
+HELP = (
+    "adder kernels vs the unfold formulation and conv2d on every ResNet-50 adder layer, "
+    "fraction of the measured FP32 ceiling, whole-network img/s (table + JSON)"
+)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 OPS = ("forward", "grad_input", "grad_weight")
@@ -33,58 +38,6 @@ OPS = ("forward", "grad_input", "grad_weight")
 QUICK_LAYERS = [(4, 6, 6, 4, 3, 1, 1), (4, 6, 6, 8, 1, 2, 0)]
 # The unfold formulation may use at most this share of the free GPU memory.
 UNFOLD_MEMORY_SHARE = 0.5
-
-
-@dataclass
-class Layer:
-    index: int
-    shape: tuple[int, int, int, int, int, int, int, int]   # N, C, H, W, O, k, stride, padding
-    count: int                                            # occurrences in the network
-
-    @property
-    def name(self) -> str:
-        n, c, h, w, o, k, s, p = self.shape
-        return f"{k}x{k} {c}->{o} s{s} @{h}x{w}"
-
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        n, c, h, w, o, k, s, p = self.shape
-        return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-
-    @property
-    def elements(self) -> int:
-        """Adder elements |x - w| of one pass: N * OH * OW * O * C * k * k."""
-        n, c, h, w, o, k, s, p = self.shape
-        oh, ow = self.out_hw
-        return n * oh * ow * o * c * k * k
-
-
-def adder_layer_shapes(arch: str, batch: int, image: int = 224) -> list[Layer]:
-    """The distinct adder layer shapes of ``arch`` in network order, with their counts.
-
-    Traced on the meta device through the CNN twin of the network, whose body convs are
-    built with the same arguments as the adder layers (stem and classifier excluded).
-    """
-    import torch
-    from torch import nn
-
-    from addertrain.models import create_model
-
-    seen: dict[tuple, int] = {}
-    with torch.device("meta"):
-        model = create_model(arch, conv="conv")
-
-        def record(module, inputs, _output):
-            _, c, h, w = inputs[0].shape
-            shape = (batch, c, h, w, module.out_channels, module.kernel_size[0],
-                     module.stride[0], module.padding[0])
-            seen[shape] = seen.get(shape, 0) + 1
-
-        for m in model.blocks.modules():
-            if isinstance(m, nn.Conv2d):
-                m.register_forward_hook(record)
-        model(torch.empty(1, 3, image, image))
-    return [Layer(i, shape, count) for i, (shape, count) in enumerate(seen.items())]
 
 
 def _timer(device, cpu_repeats: int = 3):
@@ -137,8 +90,11 @@ def _autotuned_config(op: str) -> str | None:
     config = getattr(kernel, "best_config", None)
     if config is None:
         return None
-    return (" ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" warps={config.num_warps}"
-            + (f" maxnreg={config.maxnreg}" if config.maxnreg else ""))
+    return (
+        " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+        + f" warps={config.num_warps}"
+        + (f" maxnreg={config.maxnreg}" if config.maxnreg else "")
+    )
 
 
 def _tensors(shape, dtype, device, batch=None):
@@ -169,11 +125,14 @@ def _conv_calls(x, w, g, s, p) -> dict:
 
     def backward(mask):
         return lambda: torch.ops.aten.convolution_backward(
-            g, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, mask)
+            g, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, mask
+        )
 
-    return {"forward": lambda: F.conv2d(x, w, stride=s, padding=p),
-            "grad_input": backward([True, False, False]),
-            "grad_weight": backward([False, True, False])}
+    return {
+        "forward": lambda: F.conv2d(x, w, stride=s, padding=p),
+        "grad_input": backward([True, False, False]),
+        "grad_weight": backward([False, True, False]),
+    }
 
 
 def _layer_pass(calls):
@@ -182,7 +141,8 @@ def _layer_pass(calls):
 
 
 def _unfold_batch(layer: Layer, largest: int, device) -> int:
-    """The largest batch (halving from ``largest``) whose broadcast temporaries fit the memory share."""
+    """The largest batch (halving from ``largest``) whose broadcast temporaries fit the memory
+    share."""
     import torch
 
     n, c, h, w, o, k, s, p = layer.shape
@@ -198,7 +158,8 @@ def _unfold_batch(layer: Layer, largest: int, device) -> int:
 
 
 def measure_unfold(unfold, layer: Layer, largest_batch: int, dtype, device, time_ms) -> dict:
-    """The official formulation at a batch that fits; its times scaled per image to the full batch."""
+    """The official formulation at a batch that fits; its times scaled per image to the full
+    batch."""
     import torch
 
     b = _unfold_batch(layer, largest_batch, device)
@@ -206,8 +167,11 @@ def measure_unfold(unfold, layer: Layer, largest_batch: int, dtype, device, time
         try:
             calls = _adder_calls(unfold, *_tensors(layer.shape, dtype, device, batch=b))
             scale = layer.shape[0] / b
-            return {"batch": b, **{op: time_ms(calls[op]) * scale for op in OPS},
-                    "peak_bytes_at_batch": _peak_bytes(_layer_pass(calls), device)}
+            return {
+                "batch": b,
+                **{op: time_ms(calls[op]) * scale for op in OPS},
+                "peak_bytes_at_batch": _peak_bytes(_layer_pass(calls), device),
+            }
         except torch.cuda.OutOfMemoryError:
             calls = None
             torch.cuda.empty_cache()
@@ -216,30 +180,47 @@ def measure_unfold(unfold, layer: Layer, largest_batch: int, dtype, device, time
             b //= 2
 
 
-def measure_layer(layer: Layer, dtype, device, time_ms, ceiling_rate, unfold, unfold_batch: int) -> dict:
+def measure_layer(
+    layer: Layer, dtype, device, time_ms, ceiling_rate, unfold, unfold_batch: int
+) -> dict:
     from addertrain import kernels
 
     x, w, g, s, p = _tensors(layer.shape, dtype, device)
     ours = _adder_calls(kernels, x, w, g, s, p)
     conv = _conv_calls(x, w, g, s, p)
-    row = {"index": layer.index, "name": layer.name, "shape": list(layer.shape),
-           "count": layer.count, "elements": layer.elements, "ops": {}}
+    row = {
+        "index": layer.index,
+        "name": layer.name,
+        "shape": list(layer.shape),
+        "count": layer.count,
+        "elements": layer.elements,
+        "ops": {},
+    }
     for op in OPS:
-        ours[op]()                              # autotune + compile outside the timing
+        ours[op]()  # autotune + compile outside the timing
         ms = time_ms(ours[op])
         rate = layer.elements / (ms * 1e-3)
-        row["ops"][op] = {"triton_ms": ms, "elements_per_s": rate,
-                          "fraction_of_ceiling": rate / ceiling_rate,
-                          "config": _autotuned_config(op),
-                          "conv_ms": time_ms(conv[op])}
+        row["ops"][op] = {
+            "triton_ms": ms,
+            "elements_per_s": rate,
+            "fraction_of_ceiling": rate / ceiling_rate,
+            "config": _autotuned_config(op),
+            "conv_ms": time_ms(conv[op]),
+        }
         row["ops"][op]["triton_over_conv"] = ms / row["ops"][op]["conv_ms"]
     total = sum(row["ops"][op]["triton_ms"] for op in OPS)
     conv_total = sum(row["ops"][op]["conv_ms"] for op in OPS)
-    row["layer"] = {"triton_ms": total, "conv_ms": conv_total, "triton_over_conv": total / conv_total,
-                    "triton_peak_bytes": _peak_bytes(_layer_pass(ours), device),
-                    "conv_peak_bytes": _peak_bytes(_layer_pass(conv), device)}
+    row["layer"] = {
+        "triton_ms": total,
+        "conv_ms": conv_total,
+        "triton_over_conv": total / conv_total,
+        "triton_peak_bytes": _peak_bytes(_layer_pass(ours), device),
+        "conv_peak_bytes": _peak_bytes(_layer_pass(conv), device),
+    }
     if row["layer"]["conv_peak_bytes"]:
-        row["layer"]["peak_over_conv"] = row["layer"]["triton_peak_bytes"] / row["layer"]["conv_peak_bytes"]
+        row["layer"]["peak_over_conv"] = (
+            row["layer"]["triton_peak_bytes"] / row["layer"]["conv_peak_bytes"]
+        )
     del x, w, g, ours, conv
     if unfold is not None:
         u = measure_unfold(unfold, layer, unfold_batch, dtype, device, time_ms)
@@ -254,32 +235,52 @@ def measure_layer(layer: Layer, dtype, device, time_ms, ceiling_rate, unfold, un
     return row
 
 
-def measure_network(arch: str, batch: int, image: int, classes: int, dtype, device, steps: int,
-                    budget_s: float, warmup: bool = True) -> dict:
-    """Forward+backward img/s and peak memory of the adder network (triton, reference) and the CNN."""
-    import torch
+def _training_pass(model, x, labels):
+    """A forward and backward of ``model`` on one batch, as a zero-argument callable."""
     import torch.nn.functional as F
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x).float(), labels).backward()
+
+    return step
+
+
+def measure_network(
+    arch: str,
+    batch: int,
+    image: int,
+    classes: int,
+    dtype,
+    device,
+    steps: int,
+    budget_s: float,
+    warmup: bool = True,
+) -> dict:
+    """Forward+backward img/s and peak memory of the adder network (triton, reference) and the
+    CNN."""
+    import torch
 
     from addertrain.models import create_model
 
     # the reference backend last: it is the slowest and the most likely to run out of time
-    variants = {"triton": dict(conv="adder", backend="triton"),
-                "cnn": dict(conv="conv"),
-                "reference": dict(conv="adder", backend="reference")}
+    variants = {
+        "triton": dict(conv="adder", backend="triton"),
+        "cnn": dict(conv="conv"),
+        "reference": dict(conv="adder", backend="reference"),
+    }
     out = {"arch": arch, "batch": batch, "image": image, "classes": classes}
     for name, kwargs in variants.items():
-        model = x = labels = None
+        model = step = None
         try:
-            model = create_model(arch, num_classes=classes, **kwargs).to(device=device, dtype=dtype).train()
-            x = torch.randn(batch, 3, image, image, device=device, dtype=dtype)
-            labels = torch.randint(0, classes, (batch,), device=device)
-
-            def step():
-                model.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x).float(), labels).backward()
-
+            model = create_model(arch, num_classes=classes, **kwargs).to(device=device, dtype=dtype)
+            step = _training_pass(
+                model.train(),
+                torch.randn(batch, 3, image, image, device=device, dtype=dtype),
+                torch.randint(0, classes, (batch,), device=device),
+            )
             if warmup:
-                step()                                      # autotune, compile, cuDNN plans
+                step()  # autotune, compile, cuDNN plans
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -291,12 +292,15 @@ def measure_network(arch: str, batch: int, image: int, classes: int, dtype, devi
                     torch.cuda.synchronize()
                 seconds.append(time.perf_counter() - start)
             n, seconds = len(seconds), sum(seconds)
-            out[name] = {"steps": n, "img_per_s": batch * n / seconds,
-                         "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+            out[name] = {
+                "steps": n,
+                "img_per_s": batch * n / seconds,
+                "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+            }
         except torch.cuda.OutOfMemoryError:
             out[name] = {"error": f"out of memory at batch {batch}"}
         finally:
-            del model, x, labels
+            del model, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     for other in ("reference", "cnn"):
@@ -307,6 +311,7 @@ def measure_network(arch: str, batch: int, image: int, classes: int, dtype, devi
 
 def summarize(rows: list[dict], network: dict | None) -> dict:
     """The issue's targets, read off the measurements."""
+
     def values(key, select):
         return [select(r) for r in rows if key(r)]
 
@@ -314,12 +319,25 @@ def summarize(rows: list[dict], network: dict | None) -> dict:
         return r["shape"][5] == 3
 
     summary = {
-        "forward_3x3_fraction_min": min(values(is3x3, lambda r: r["ops"]["forward"]["fraction_of_ceiling"]), default=None),
-        "grad_input_3x3_fraction_min": min(values(is3x3, lambda r: r["ops"]["grad_input"]["fraction_of_ceiling"]), default=None),
-        "layer_unfold_over_triton_min": min(values(lambda r: "unfold_over_triton" in r["layer"],
-                                                   lambda r: r["layer"]["unfold_over_triton"]), default=None),
-        "layer_peak_over_conv_max": max(values(lambda r: "peak_over_conv" in r["layer"],
-                                               lambda r: r["layer"]["peak_over_conv"]), default=None),
+        "forward_3x3_fraction_min": min(
+            values(is3x3, lambda r: r["ops"]["forward"]["fraction_of_ceiling"]), default=None
+        ),
+        "grad_input_3x3_fraction_min": min(
+            values(is3x3, lambda r: r["ops"]["grad_input"]["fraction_of_ceiling"]), default=None
+        ),
+        "layer_unfold_over_triton_min": min(
+            values(
+                lambda r: "unfold_over_triton" in r["layer"],
+                lambda r: r["layer"]["unfold_over_triton"],
+            ),
+            default=None,
+        ),
+        "layer_peak_over_conv_max": max(
+            values(
+                lambda r: "peak_over_conv" in r["layer"], lambda r: r["layer"]["peak_over_conv"]
+            ),
+            default=None,
+        ),
         # the network's adder layers at this batch: sum over layers of count x (fwd + both grads)
         "adder_layers_ms_per_step": sum(r["count"] * r["layer"]["triton_ms"] for r in rows),
         "conv_layers_ms_per_step": sum(r["count"] * r["layer"]["conv_ms"] for r in rows),
@@ -339,49 +357,75 @@ def _mb(nbytes):
 
 def format_table(result: dict) -> str:
     c = result["ceiling"]
-    lines = [f"{result['device']}  dtype {result['dtype']}  batch {result['batch']}  "
-             f"FP32 ceiling (add-bound kernel): {c['elements_per_s'] / 1e12:.2f} T adder elements/s",
-             f"{'#':>2} {'layer':<26} {'op':<11} {'ms':>8} {'Telem/s':>8} {'%ceil':>6} "
-             f"{'conv ms':>8} {'x conv':>7} {'unfold ms':>10} {'unf/tri':>7} {'config'}"]
+    lines = [
+        f"{result['device']}  dtype {result['dtype']}  batch {result['batch']}  "
+        f"FP32 ceiling (add-bound kernel): {c['elements_per_s'] / 1e12:.2f} T adder elements/s",
+        f"{'#':>2} {'layer':<26} {'op':<11} {'ms':>8} {'Telem/s':>8} {'%ceil':>6} "
+        f"{'conv ms':>8} {'x conv':>7} {'unfold ms':>10} {'unf/tri':>7} {'config'}",
+    ]
     for r in result["layers"]:
         for op in OPS:
             o = r["ops"][op]
             lines.append(
                 f"{r['index']:>2} {r['name'] if op == 'forward' else '':<26} {op:<11} "
                 f"{o['triton_ms']:>8.3f} {o['elements_per_s'] / 1e12:>8.3f} "
-                f"{100 * o['fraction_of_ceiling']:>6.1f} {o['conv_ms']:>8.3f} {o['triton_over_conv']:>7.2f} "
-                f"{_fmt(o.get('unfold_ms'), '.2f'):>10} {_fmt(o.get('unfold_over_triton'), '.1f'):>7} "
-                f"{o['config'] or ''}")
+                f"{100 * o['fraction_of_ceiling']:>6.1f} "
+                f"{o['conv_ms']:>8.3f} {o['triton_over_conv']:>7.2f} "
+                f"{_fmt(o.get('unfold_ms'), '.2f'):>10} "
+                f"{_fmt(o.get('unfold_over_triton'), '.1f'):>7} "
+                f"{o['config'] or ''}"
+            )
         lay = r["layer"]
         unf = r.get("unfold", {})
         lines.append(
-            f"{'':>2} {'x' + str(r['count']) + ' in network':<26} {'layer':<11} {lay['triton_ms']:>8.3f} "
+            f"{'':>2} {'x' + str(r['count']) + ' in network':<26} {'layer':<11} "
+            f"{lay['triton_ms']:>8.3f} "
             f"{'':>8} {'':>6} {lay['conv_ms']:>8.3f} {lay['triton_over_conv']:>7.2f} "
-            f"{_fmt(lay.get('unfold_ms'), '.2f'):>10} {_fmt(lay.get('unfold_over_triton'), '.1f'):>7} "
+            f"{_fmt(lay.get('unfold_ms'), '.2f'):>10} "
+            f"{_fmt(lay.get('unfold_over_triton'), '.1f'):>7} "
             f"peak MB: triton {_mb(lay['triton_peak_bytes'])}, conv {_mb(lay['conv_peak_bytes'])}"
-            + (f", unfold {_mb(unf.get('peak_bytes_at_batch'))} at batch {unf['batch']}" if unf.get("batch") else "")
-            + (f" (unfold: {unf['error']})" if "error" in unf else ""))
+            + (
+                f", unfold {_mb(unf.get('peak_bytes_at_batch'))} at batch {unf['batch']}"
+                if unf.get("batch")
+                else ""
+            )
+            + (f" (unfold: {unf['error']})" if "error" in unf else "")
+        )
     s = result["summary"]
     lines.append(
-        f"3x3 layers, min fraction of ceiling: forward {_fmt(s['forward_3x3_fraction_min'], '.1%')}, "
-        f"grad_input {_fmt(s['grad_input_3x3_fraction_min'], '.1%')};  whole layer unfold/triton min "
+        f"3x3 layers, min fraction of ceiling: forward "
+        f"{_fmt(s['forward_3x3_fraction_min'], '.1%')}, "
+        f"grad_input {_fmt(s['grad_input_3x3_fraction_min'], '.1%')};  "
+        f"whole layer unfold/triton min "
         f"{_fmt(s['layer_unfold_over_triton_min'], '.1f')}x;  peak memory triton/conv max "
-        f"{_fmt(s['layer_peak_over_conv_max'], '.2f')}x")
-    lines.append(f"adder layers per step (sum over the network): {s['adder_layers_ms_per_step']:.1f} ms "
-                 f"vs conv {s['conv_layers_ms_per_step']:.1f} ms")
-    if result.get("unfold_note"):
-        lines.append(result["unfold_note"])
+        f"{_fmt(s['layer_peak_over_conv_max'], '.2f')}x"
+    )
+    lines.append(
+        f"adder layers per step (sum over the network): {s['adder_layers_ms_per_step']:.1f} ms "
+        f"vs conv {s['conv_layers_ms_per_step']:.1f} ms"
+    )
     net = result.get("network")
     if net:
         parts = []
         for name in ("triton", "reference", "cnn"):
             v = net.get(name, {})
-            parts.append(f"{name} " + (f"{v['img_per_s']:.1f} img/s, peak "
-                                       f"{_fmt(None if v.get('peak_bytes') is None else v['peak_bytes'] / 2**30, '.2f')} GB"
-                                       if "img_per_s" in v else v.get("error", "not run")))
-        lines.append(f"{net['arch']} fwd+bwd batch {net['batch']} @{net['image']}px: " + "; ".join(parts))
-        ratios = [f"triton/{o} {net[f'triton_over_{o}']:.2f}x" for o in ("reference", "cnn")
-                  if f"triton_over_{o}" in net]
+            peak = None if v.get("peak_bytes") is None else v["peak_bytes"] / 2**30
+            parts.append(
+                f"{name} "
+                + (
+                    f"{v['img_per_s']:.1f} img/s, peak {_fmt(peak, '.2f')} GB"
+                    if "img_per_s" in v
+                    else v.get("error", "not run")
+                )
+            )
+        lines.append(
+            f"{net['arch']} fwd+bwd batch {net['batch']} @{net['image']}px: " + "; ".join(parts)
+        )
+        ratios = [
+            f"triton/{o} {net[f'triton_over_{o}']:.2f}x"
+            for o in ("reference", "cnn")
+            if f"triton_over_{o}" in net
+        ]
         if ratios:
             lines.append("  " + ", ".join(ratios))
     return "\n".join(lines)
@@ -397,47 +441,98 @@ def compiler_report() -> list[dict]:
 
     variants = {"3x3 s1 p1": dict(KH=3, STRIDE=1, PAD=1), "1x1 s1 p0": dict(KH=1, STRIDE=1, PAD=0)}
     rows = []
-    for op, kernel in (("forward", fprop._forward_kernel), ("grad_input", dgrad._grad_input_kernel)):
+    for op, kernel in (
+        ("forward", fprop._forward_kernel),
+        ("grad_input", dgrad._grad_input_kernel),
+    ):
         for config in kernel.configs:
             for vname, variant in variants.items():
                 r = report.config_report(kernel.fn, config, variant)
-                rows.append({"op": op, "variant": vname, "config": dict(config.kwargs),
-                             "num_warps": config.num_warps, "maxnreg": config.maxnreg, **r})
+                rows.append(
+                    {
+                        "op": op,
+                        "variant": vname,
+                        "config": dict(config.kwargs),
+                        "num_warps": config.num_warps,
+                        "maxnreg": config.maxnreg,
+                        **r,
+                    }
+                )
     return rows
 
 
 def format_compiler_report(rows: list[dict]) -> str:
-    lines = [f"{'op':<11} {'variant':<10} {'TM TN GM GN BK w cap':<22} {'regs':>4} {'stack':>5} "
-             f"{'warps/SM':>8} {'loop ins':>8} {'FP32':>5} {'FP32 %':>6} {'LDG':>4} {'smem':>4} {'spill':>5}"]
+    lines = [
+        f"{'op':<11} {'variant':<10} {'TM TN GM GN BK w cap':<22} {'regs':>4} {'stack':>5} "
+        f"{'warps/SM':>8} {'loop ins':>8} "
+        f"{'FP32':>5} {'FP32 %':>6} {'LDG':>4} {'smem':>4} {'spill':>5}"
+    ]
     for r in rows:
         c = r["config"]
-        tiles = f"{c['TM']} {c['TN']} {c['GM']} {c['GN']} {c['BK']} {r['num_warps']} {r.get('maxnreg') or '-'}"
-        lines.append(f"{r['op']:<11} {r['variant']:<10} {tiles:<22} {r['registers']:>4} {r['stack_bytes']:>5} "
-                     f"{_fmt(r['resident_warps_per_sm'], 'd'):>8} {r['loop_instructions']:>8} {r['loop_fp32']:>5} "
-                     f"{_fmt(r['loop_fp32_fraction'], '.0%'):>6} {r['loop_loads']:>4} {r['loop_shared_ops']:>4} "
-                     f"{r['loop_spill_ops']:>5}")
+        tiles = (
+            f"{c['TM']} {c['TN']} {c['GM']} {c['GN']} {c['BK']} {r['num_warps']} "
+            f"{r.get('maxnreg') or '-'}"
+        )
+        lines.append(
+            f"{r['op']:<11} {r['variant']:<10} {tiles:<22} "
+            f"{r['registers']:>4} {r['stack_bytes']:>5} "
+            f"{_fmt(r['resident_warps_per_sm'], 'd'):>8} {r['loop_instructions']:>8} "
+            f"{r['loop_fp32']:>5} "
+            f"{_fmt(r['loop_fp32_fraction'], '.0%'):>6} {r['loop_loads']:>4} "
+            f"{r['loop_shared_ops']:>4} "
+            f"{r['loop_spill_ops']:>5}"
+        )
     return "\n".join(lines)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="input dtype of every kernel and baseline (default fp32)")
-    p.add_argument("--batch", type=int, default=64, help="batch of the layer benchmarks (default 64)")
-    p.add_argument("--layers", default="all",
-                   help="comma-separated layer indices as printed in the table (default all)")
-    p.add_argument("--network-batch", type=int, default=64,
-                   help="batch of the whole-network line (default 64; 0 skips it)")
-    p.add_argument("--network-steps", type=int, default=5, help="timed steps per network (default 5)")
-    p.add_argument("--network-budget", type=float, default=30.0,
-                   help="seconds of timed steps per network at most (default 30)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="input dtype of every kernel and baseline (default fp32)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=64, help="batch of the layer benchmarks (default 64)"
+    )
+    p.add_argument(
+        "--layers",
+        default="all",
+        help="comma-separated layer indices as printed in the table (default all)",
+    )
+    p.add_argument(
+        "--network-batch",
+        type=int,
+        default=64,
+        help="batch of the whole-network line (default 64; 0 skips it)",
+    )
+    p.add_argument(
+        "--network-steps", type=int, default=5, help="timed steps per network (default 5)"
+    )
+    p.add_argument(
+        "--network-budget",
+        type=float,
+        default=30.0,
+        help="seconds of timed steps per network at most (default 30)",
+    )
     p.add_argument("--no-unfold", action="store_true", help="skip the unfold formulation")
-    p.add_argument("--unfold-batch", type=int, default=8,
-                   help="largest batch for the unfold formulation, whose times are scaled per image "
-                        "to --batch (default 8: its [C_out, K, N*L] temporaries are ~0.5 GB per image)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny shapes (runs on the CPU under TRITON_INTERPRET=1): checks the plumbing")
-    p.add_argument("--compiler-report", action="store_true",
-                   help="print registers and hot-loop instruction mix of every kernel config and exit")
+    p.add_argument(
+        "--unfold-batch",
+        type=int,
+        default=8,
+        help="largest batch for the unfold formulation, whose times are scaled per image "
+        "to --batch (default 8: its [C_out, K, N*L] temporaries are ~0.5 GB per image)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes (runs on the CPU under TRITON_INTERPRET=1): checks the plumbing",
+    )
+    p.add_argument(
+        "--compiler-report",
+        action="store_true",
+        help="print registers and hot-loop instruction mix of every kernel config and exit",
+    )
     p.add_argument("--json", default="bench_kernels.json", help="where to write the results")
 
 
@@ -447,10 +542,14 @@ def _select(layers: list[Layer], spec: str) -> list[Layer]:
     try:
         wanted = {int(i) for i in spec.split(",")}
     except ValueError:
-        raise UserError(f"--layers {spec!r}: give comma-separated layer indices (0..{len(layers) - 1}) or all")
+        raise UserError(
+            f"--layers {spec!r}: give comma-separated layer indices (0..{len(layers) - 1}) or all"
+        ) from None
     unknown = wanted - {layer.index for layer in layers}
     if unknown:
-        raise UserError(f"--layers: no layer {sorted(unknown)}; the indices run 0..{len(layers) - 1}")
+        raise UserError(
+            f"--layers: no layer {sorted(unknown)}; the indices run 0..{len(layers) - 1}"
+        )
     return [layer for layer in layers if layer.index in wanted]
 
 
@@ -461,21 +560,31 @@ def run(args) -> int:
         Path(args.json).write_text(json.dumps({"compiler_report": rows}, indent=1) + "\n")
         print(f"results written to {args.json}")
         return 0
-    if min(args.batch, args.network_steps, args.unfold_batch) < 1 or args.network_batch < 0 \
-            or args.network_budget <= 0:
-        raise UserError("--batch, --unfold-batch and --network-steps must be at least 1, "
-                        "--network-batch at least 0 and --network-budget positive")
-    import importlib
+    if (
+        min(args.batch, args.network_steps, args.unfold_batch) < 1
+        or args.network_batch < 0
+        or args.network_budget <= 0
+    ):
+        raise UserError(
+            "--batch, --unfold-batch and --network-steps must be at least 1, "
+            "--network-batch at least 0 and --network-budget positive"
+        )
     import os
 
     import torch
 
+    from addertrain.models.shapes import Layer, adder_layer_shapes
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError("addertrain bench kernels needs a CUDA device; on a CPU run it with "
-                        "TRITON_INTERPRET=1 and --quick")
+        raise UserError(
+            "addertrain bench kernels needs a CUDA device; on a CPU run it with "
+            "TRITON_INTERPRET=1 and --quick"
+        )
     if device.type != "cuda" and not args.quick:
-        raise UserError("without a GPU only --quick runs (the interpreter is far too slow for ResNet-50 shapes)")
+        raise UserError(
+            "without a GPU only --quick runs (the interpreter is far too slow for ResNet-50 shapes)"
+        )
     dtype = getattr(torch, DTYPES[args.dtype])
     if args.quick:
         batch, arch, image = min(args.batch, 2), "resnet20", 4
@@ -484,19 +593,23 @@ def run(args) -> int:
         batch, arch, image = args.batch, "resnet50", 224
         layers = adder_layer_shapes("resnet50", batch)
     layers = _select(layers, args.layers)
-    unfold, note = None, None
-    if not args.no_unfold:
-        try:
-            unfold = importlib.import_module("addertrain.ops.unfold")
-        except ModuleNotFoundError:
-            note = "unfold formulation not measured: addertrain.ops.unfold is missing"
+    from addertrain.ops import unfold as unfold_ops
+
+    unfold = None if args.no_unfold else unfold_ops
     time_ms = _timer(device, cpu_repeats=1 if args.quick else 3)
     ceiling = measure_ceiling(device, time_ms)
     print(f"  FP32 ceiling: {ceiling['elements_per_s'] / 1e12:.2f} T adder elements/s", flush=True)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",
-              "dtype": args.dtype, "batch": batch, "ceiling": ceiling, "unfold_note": note,
-              "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "layers": []}
+    result = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else "cpu (interpreter)",
+        "dtype": args.dtype,
+        "batch": batch,
+        "ceiling": ceiling,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "layers": [],
+    }
     path = Path(args.json)
 
     def save():
@@ -504,23 +617,37 @@ def run(args) -> int:
         path.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
     for layer in layers:
-        row = measure_layer(layer, dtype, device, time_ms, ceiling["elements_per_s"], unfold,
-                            args.unfold_batch)
+        row = measure_layer(
+            layer, dtype, device, time_ms, ceiling["elements_per_s"], unfold, args.unfold_batch
+        )
         result["layers"].append(row)
         save()
-        print(f"  layer {layer.index} {layer.name}: " + ", ".join(
-            f"{op} {row['ops'][op]['triton_ms']:.3f} ms ({row['ops'][op]['fraction_of_ceiling']:.0%})"
-            for op in OPS), flush=True)
+        print(
+            f"  layer {layer.index} {layer.name}: "
+            + ", ".join(
+                f"{op} {row['ops'][op]['triton_ms']:.3f} ms "
+                f"({row['ops'][op]['fraction_of_ceiling']:.0%})"
+                for op in OPS
+            ),
+            flush=True,
+        )
     result["summary"] = summarize(result["layers"], None)
     if args.network_batch:
         # batch 2 at least: the classifier's BatchNorm needs two samples in training mode
         nb, classes = (2, 10) if args.quick else (args.network_batch, 1000)
-        result["network"] = measure_network(arch, nb, image, classes, dtype, device,
-                                            1 if args.quick else args.network_steps,
-                                            args.network_budget, warmup=not args.quick)
+        result["network"] = measure_network(
+            arch,
+            nb,
+            image,
+            classes,
+            dtype,
+            device,
+            1 if args.quick else args.network_steps,
+            args.network_budget,
+            warmup=not args.quick,
+        )
         result["summary"] = summarize(result["layers"], result["network"])
     save()
     print(format_table(result))
     print(f"results written to {args.json}")
     return 0
-

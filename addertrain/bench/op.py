@@ -22,17 +22,20 @@ import os
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from addertrain.errors import UserError
 
-HELP = ("reference adder op vs the official unfold formulation: every ResNet-20 adder layer "
-        "and a ResNet-20 training step, time and peak memory (table + JSON)")
+HELP = (
+    "reference adder op vs the official unfold formulation: every ResNet-20 adder layer "
+    "and a ResNet-20 training step, time and peak memory (table + JSON)"
+)
 
 BACKENDS = ("reference", "unfold")
 OPS = ("forward", "grad_input", "grad_weight")
-QUICK_BATCH = 2   # the smallest batch BatchNorm trains on
+QUICK_BATCH = 2  # the smallest batch BatchNorm trains on
 MIB = float(1 << 20)
 
 
@@ -79,8 +82,11 @@ def peak_bytes(fn, device):
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
-    cpu = [e["args"] for e in events
-           if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    cpu = [
+        e["args"]
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+    ]
     if not cpu:
         return out, 0
     # The running total may include blocks from earlier profiling sessions; the first
@@ -131,15 +137,19 @@ def _layer_tensors(shape, device):
 def _pair(result: dict) -> dict:
     ref, unf = result["reference"], result["unfold"]
     return {
-        "reference_ms": ref["ms"], "unfold_ms": unf["ms"], "speedup": unf["ms"] / ref["ms"],
-        "reference_peak_bytes": ref["peak_bytes"], "unfold_peak_bytes": unf["peak_bytes"],
+        "reference_ms": ref["ms"],
+        "unfold_ms": unf["ms"],
+        "speedup": unf["ms"] / ref["ms"],
+        "reference_peak_bytes": ref["peak_bytes"],
+        "unfold_peak_bytes": unf["peak_bytes"],
         "memory_ratio": unf["peak_bytes"] / ref["peak_bytes"] if ref["peak_bytes"] else None,
-        "reference_times_ms": ref["times"], "unfold_times_ms": unf["times"],
+        "reference_times_ms": ref["times"],
+        "unfold_times_ms": unf["times"],
     }
 
 
 def bench_layers(batch: int, repeats: int, device) -> list[dict]:
-    from addertrain.bench.kernels import adder_layer_shapes
+    from addertrain.models.shapes import adder_layer_shapes
     from addertrain.ops import reference, unfold
 
     rows = []
@@ -147,8 +157,10 @@ def bench_layers(batch: int, repeats: int, device) -> list[dict]:
         x, w, g, s, p = _layer_tensors(layer.shape, device)
         for op in OPS:
             args = (x, w, s, p) if op == "forward" else (g, x, w, s, p)
-            calls = {name: (lambda f=getattr(mod, op): f(*args))
-                     for name, mod in (("reference", reference), ("unfold", unfold))}
+            calls = {
+                name: partial(getattr(mod, op), *args)
+                for name, mod in (("reference", reference), ("unfold", unfold))
+            }
             row = _pair(measure(calls, repeats, device))
             row.update(layer=layer.name, count=layer.count, op=op)
             rows.append(row)
@@ -163,11 +175,19 @@ def _training_step(backend: str, batch: int, device):
     from addertrain.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("resnet20", conv="adder", num_classes=10, head="auto",
-                         backend=backend).to(device).train()
+    model = (
+        create_model("resnet20", conv="adder", num_classes=10, head="auto", backend=backend)
+        .to(device)
+        .train()
+    )
     # the unfold backend normalises its weight gradients itself, as the official release does
-    opt = AdderSGD(param_groups(model, 5e-4), lr=0.1, momentum=0.9, eta=0.2,
-                   alr=backend == "reference")
+    opt = AdderSGD(
+        param_groups(model, 5e-4),
+        lr=0.1,
+        momentum=0.9,
+        eta=0.2,
+        mode="alr" if backend == "reference" else "fixed",
+    )
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
@@ -185,9 +205,11 @@ def _training_step(backend: str, batch: int, device):
 def bench_step(batch: int, repeats: int, device) -> dict:
     calls = {name: _training_step(name, batch, device) for name in BACKENDS}
     row = _pair(measure(calls, repeats, device))
-    row.update(step="resnet20 forward+backward+SGD step",
-               images_per_s_reference=batch / row["reference_ms"] * 1e3,
-               images_per_s_unfold=batch / row["unfold_ms"] * 1e3)
+    row.update(
+        step="resnet20 forward+backward+SGD step",
+        images_per_s_reference=batch / row["reference_ms"] * 1e3,
+        images_per_s_unfold=batch / row["unfold_ms"] * 1e3,
+    )
     return row
 
 
@@ -204,15 +226,19 @@ def cpu_model() -> str:
 
 
 def format_table(result: dict) -> str:
-    head = (f"{'layer':<22} {'op':<12} {'reference ms':>12} {'unfold ms':>10} {'speedup':>8} "
-            f"{'ref peak MiB':>12} {'unfold peak MiB':>15} {'mem ratio':>9}")
+    head = (
+        f"{'layer':<22} {'op':<12} {'reference ms':>12} {'unfold ms':>10} {'speedup':>8} "
+        f"{'ref peak MiB':>12} {'unfold peak MiB':>15} {'mem ratio':>9}"
+    )
     lines = [head, "-" * len(head)]
 
     def line(name, op, r):
         ratio = f"{r['memory_ratio']:.1f}" if r["memory_ratio"] else "-"
-        return (f"{name:<22} {op:<12} {r['reference_ms']:>12.1f} {r['unfold_ms']:>10.1f} "
-                f"{r['speedup']:>7.1f}x {r['reference_peak_bytes'] / MIB:>12.1f} "
-                f"{r['unfold_peak_bytes'] / MIB:>15.1f} {ratio:>9}")
+        return (
+            f"{name:<22} {op:<12} {r['reference_ms']:>12.1f} {r['unfold_ms']:>10.1f} "
+            f"{r['speedup']:>7.1f}x {r['reference_peak_bytes'] / MIB:>12.1f} "
+            f"{r['unfold_peak_bytes'] / MIB:>15.1f} {ratio:>9}"
+        )
 
     for r in result["layers"]:
         lines.append(line(f"{r['layer']} x{r['count']}", r["op"], r))
@@ -224,17 +250,25 @@ def format_table(result: dict) -> str:
 
 def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs per measurement after one warm-up run; the median is reported")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="where to run (default cpu)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs per measurement after one warm-up run; the median is reported",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    p.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)"
+    )
     p.add_argument("--json", default="bench_op.json", help="where to write the results")
     p.add_argument("--no-step", action="store_true", help="skip the ResNet-20 training step line")
-    p.add_argument("--quick", action="store_true",
-                   help=f"batch {QUICK_BATCH}, one repeat: checks that the benchmark runs "
-                        "(for tests)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"batch {QUICK_BATCH}, one repeat: checks that the benchmark runs (for tests)",
+    )
 
 
 def run(args) -> int:
@@ -244,8 +278,10 @@ def run(args) -> int:
         raise UserError("--batch, --repeats and --threads must be at least 1")
     out = Path(args.json)
     if not out.parent.is_dir():
-        raise UserError(f"--json {args.json}: folder {out.parent} does not exist; create it or "
-                        "choose another path")
+        raise UserError(
+            f"--json {args.json}: folder {out.parent} does not exist; create it or "
+            "choose another path"
+        )
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -255,16 +291,21 @@ def run(args) -> int:
     device = torch.device(args.device)
     result = {
         "benchmark": "bench op",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "batch": args.batch,
         "repeats": args.repeats,
         "timing": f"median of {args.repeats} runs after 1 warm-up run, backends alternating",
-        "memory": ("peak bytes torch held during the warm-up run above those held before it; "
-                   + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                      else "CPU: torch.profiler memory events (profile_memory=True)")),
+        "memory": (
+            "peak bytes torch held during the warm-up run above those held before it; "
+            + (
+                "torch.cuda.max_memory_allocated"
+                if device.type == "cuda"
+                else "CPU: torch.profiler memory events (profile_memory=True)"
+            )
+        ),
         "layers": bench_layers(args.batch, args.repeats, device),
         "step": None if args.no_step else bench_step(args.batch, args.repeats, device),
     }

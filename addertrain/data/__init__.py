@@ -20,8 +20,15 @@ if TYPE_CHECKING:
     from addertrain.config import Config
 
 
-def build_loader(cfg: "Config", split: str, batch: int, rank: int, world: int,
-                 device: "torch.device", index_dir: "Path | None" = None):
+def build_loader(
+    cfg: Config,
+    split: str,
+    batch: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    index_dir: Path | None = None,
+):
     """The loader of ``split`` ("train" or "val") for worker ``rank`` of ``world``; a folder
     dataset comes from the index the launch wrote into ``index_dir``, when given."""
     training = split == "train"
@@ -30,10 +37,25 @@ def build_loader(cfg: "Config", split: str, batch: int, rank: int, world: int,
         from addertrain.data.synthetic import SyntheticLoader
 
         size = d.synthetic.train_size if training else d.synthetic.val_size
-        return SyntheticLoader(cfg.model.num_classes, size, d.image_size, d.channels, batch,
-                               rank, world, device, cfg.run.seed, split, training)
+        return SyntheticLoader(
+            cfg.model.num_classes,
+            size,
+            d.image_size,
+            d.channels,
+            batch,
+            rank,
+            world,
+            device,
+            cfg.run.seed,
+            split,
+            training,
+        )
+    if d.source in ("cifar", "mnist"):
+        from addertrain.data.dali import build_array_loader
+
+        return build_array_loader(d, split, batch, rank, world, device, cfg.run.seed, training)
     from addertrain.data.dali import build_folder_loader
 
-    return build_folder_loader(d, split, batch, rank, world, device, cfg.run.seed, training,
-                               index_dir)
-
+    return build_folder_loader(
+        d, split, batch, rank, world, device, cfg.run.seed, training, index_dir
+    )

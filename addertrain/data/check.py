@@ -1,4 +1,5 @@
-"""``addertrain data check DIR``: find what would break or distort a multi-day run, before it starts.
+"""``addertrain data check DIR``: find what would break or distort a multi-day run, before it
+starts.
 
 The full scan decodes every image (reduced-size JPEG decode, which still reads every byte)
 and hashes it; :func:`quick_check` looks at the layout and the first bytes of each file,
@@ -22,21 +23,44 @@ KINDS = {
     "missing_split": ("error", "split folder or file list is missing"),
     "no_images": ("error", "split holds no images"),
     "empty_class": ("error", "training class folder without images: that class cannot be learned"),
-    "unknown_val_class": ("error", "validation class absent from training: its label does not exist"),
-    "bad_entry": ("error", "folder named like an image, broken symlink or symlink loop: the loader refuses it"),
-    "bad_list_line": ("error", "file list line that is not 'relative/path label': the loader refuses it"),
+    "unknown_val_class": (
+        "error",
+        "validation class absent from training: its label does not exist",
+    ),
+    "bad_entry": (
+        "error",
+        "folder named like an image, broken symlink or symlink loop: the loader refuses it",
+    ),
+    "bad_list_line": (
+        "error",
+        "file list line that is not 'relative/path label': the loader refuses it",
+    ),
     "unreadable": ("error", "missing, empty, truncated or not an image: the decoder stops the run"),
     "missing_from_val": ("warning", "training class without validation images"),
-    "not_jpeg": ("warning", "JPEG name but other content (e.g. PNG): GPU pipelines decode it on the CPU"),
+    "not_jpeg": (
+        "warning",
+        "JPEG name but other content (e.g. PNG): GPU pipelines decode it on the CPU",
+    ),
     "cmyk": ("warning", "CMYK JPEG: some decoders fail or distort colors"),
     "grayscale": ("warning", "grayscale JPEG: decoded to 3 identical channels"),
     "duplicate": ("warning", "same content in train and val: validation accuracy is inflated"),
     "ignored": ("warning", "not an image file (by name): the loader skips it"),
+    "bad_array_file": (
+        "error",
+        "CIFAR or MNIST file that is damaged, foreign or refused: the loader stops the run",
+    ),
 }
 # First bytes of the formats DALI's image decoders read. The loader takes *.jpeg, *.jpg and
 # *.png by name; what matters to the decoder is the content.
-SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*",
-              b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xffO\xffQ")
+SIGNATURES = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"\x00\x00\x00\x0cjP  \r\n\x87\n",
+    b"\xffO\xffQ",
+)
 HEAD = 16
 # Files that launch opens with run.data_check=sample, spread evenly over the dataset.
 SAMPLE = 10_000
@@ -71,8 +95,10 @@ def layout(root: str | Path, train_split: str, val_split: str) -> tuple[dict, di
     """The splits' members and the layout problems (everything but file contents)."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise UserError(f"dataset folder {root} does not exist; pass the folder that holds "
-                        f"{train_split}/ and {val_split}/ (e.g. `addertrain data digits {root}` makes one)")
+        raise UserError(
+            f"dataset folder {root} does not exist; pass the folder that holds "
+            f"{train_split}/ and {val_split}/ (e.g. `addertrain data digits {root}` makes one)"
+        )
     problems = {k: [] for k in KINDS}
     train = _split_members(root, train_split, problems)
     val = _split_members(root, val_split, problems)
@@ -83,8 +109,9 @@ def layout(root: str | Path, train_split: str, val_split: str) -> tuple[dict, di
         problems["empty_class"] += [f"{train_split}/{c}" for c, files in train.items() if not files]
     if train is not None and val is not None:
         problems["unknown_val_class"] += [f"{val_split}/{c}" for c in val if c not in train]
-        problems["missing_from_val"] += [f"{train_split}/{c}" for c, files in train.items()
-                                         if files and not val.get(c)]
+        problems["missing_from_val"] += [
+            f"{train_split}/{c}" for c, files in train.items() if files and not val.get(c)
+        ]
     return {train_split: train or {}, val_split: val or {}}, problems
 
 
@@ -113,12 +140,13 @@ def sniff(path: str) -> str | None:
 
 
 def sniff_all(root: Path, files: list[str], threads: int = 8) -> list[str]:
-    """"file (why)" of every file (relative to ``root``) that fails :func:`sniff`. Threads
+    """ "file (why)" of every file (relative to ``root``) that fails :func:`sniff`. Threads
     overlap the waits for a cold disk or a network file system (measured in docs/data.md)."""
+
     def bad(chunk: list[str]) -> list[str]:
         return [f"{f} ({why})" for f in chunk if (why := sniff(os.path.join(root, f)))]
 
-    chunks = [files[i:i + 2048] for i in range(0, len(files), 2048)]
+    chunks = [files[i : i + 2048] for i in range(0, len(files), 2048)]
     with ThreadPoolExecutor(threads) as pool:
         return [found for chunk in pool.map(bad, chunks) for found in chunk]
 
@@ -127,25 +155,50 @@ def even_sample(files: list[str], n: int) -> list[str]:
     return files if len(files) <= n else [files[i * len(files) // n] for i in range(n)]
 
 
-def quick_check(root: str | Path, train_split: str = "train", val_split: str = "val",
-                read: tuple[str, ...] | None = None, sample: int | None = None) -> dict:
+def quick_check(
+    root: str | Path,
+    train_split: str = "train",
+    val_split: str = "val",
+    read: tuple[str, ...] | None = None,
+    sample: int | None = None,
+) -> dict:
     """What launch runs before any worker starts: the layout, and the first bytes of every
     file of the splits in ``read`` (default: both) or of an even ``sample`` of them. Raises
     UserError naming the first problems when the dataset cannot be trained on."""
     root = Path(root).expanduser()
-    splits, problems = layout(root, train_split, val_split)
+    return check_listed(root, *layout(root, train_split, val_split), read, sample)
+
+
+def check_listed(
+    root: Path,
+    splits: dict,
+    problems: dict,
+    read: tuple[str, ...] | None = None,
+    sample: int | None = None,
+) -> dict:
+    """:func:`quick_check` on the splits as :func:`layout` listed them, the training split
+    first (the launch indexes the dataset from the same listing)."""
+    train_split = next(iter(splits))
     files = [f for s in (read or splits) for group in splits[s].values() for f in group]
     checked = even_sample(files, sample) if sample else files
     problems["unreadable"] += sniff_all(root, checked)
-    errors = [f"{KINDS[k][1]}: {first_few(v, 3)}" for k, v in problems.items()
-              if v and KINDS[k][0] == "error"]
+    errors = [
+        f"{KINDS[k][1]}: {first_few(v, 3)}"
+        for k, v in problems.items()
+        if v and KINDS[k][0] == "error"
+    ]
     if errors:
-        raise UserError(f"dataset {root} cannot be trained on: " + "; ".join(errors)
-                        + f". Run `addertrain data check {root}` for a full report.")
-    return {"classes": len(splits[train_split]),
-            "images": {s: sum(map(len, m.values())) for s, m in splits.items()},
-            "checked": len(checked),
-            "warnings": {k: len(v) for k, v in problems.items() if v}}
+        raise UserError(
+            f"dataset {root} cannot be trained on: "
+            + "; ".join(errors)
+            + f". Run `addertrain data check {root}` for a full report."
+        )
+    return {
+        "classes": len(splits[train_split]),
+        "images": {s: sum(map(len, m.values())) for s, m in splits.items()},
+        "checked": len(checked),
+        "warnings": {k: len(v) for k, v in problems.items() if v},
+    }
 
 
 def inspect_image(path: str) -> tuple[str, str | None, str | None, str | None]:
@@ -174,8 +227,9 @@ def inspect_image(path: str) -> tuple[str, str | None, str | None, str | None]:
     return digest, fmt, mode, None
 
 
-def scan(root: str | Path, train_split: str = "train", val_split: str = "val",
-         workers: int = 1) -> dict:
+def scan(
+    root: str | Path, train_split: str = "train", val_split: str = "val", workers: int = 1
+) -> dict:
     """The full report: layout problems plus every image decoded and hashed."""
     from concurrent.futures import ProcessPoolExecutor
 
@@ -189,7 +243,7 @@ def scan(root: str | Path, train_split: str = "train", val_split: str = "val",
     else:
         results = [inspect_image(p) for p in paths]
     seen_in_train: dict[str, str] = {}
-    for f, (digest, fmt, mode, error) in zip(files, results):
+    for f, (digest, fmt, mode, error) in zip(files, results, strict=True):
         jpeg_name = f.lower().endswith((".jpeg", ".jpg"))
         if error:
             problems["unreadable"].append(f"{f} ({error})")
@@ -197,35 +251,91 @@ def scan(root: str | Path, train_split: str = "train", val_split: str = "val",
             problems["not_jpeg"].append(f"{f} ({fmt})")
         elif mode == "CMYK":
             problems["cmyk"].append(f)
-        elif mode in ("L", "1"):
+        elif jpeg_name and mode in ("L", "1"):
             problems["grayscale"].append(f)
         if digest and f.startswith(f"{train_split}/"):
             seen_in_train.setdefault(digest, f)
-    for f, (digest, *_) in zip(files, results):
+    for f, (digest, *_) in zip(files, results, strict=True):
         if f.startswith(f"{val_split}/") and digest in seen_in_train:
             problems["duplicate"].append(f"{f} == {seen_in_train[digest]}")
-    found = [{"kind": k, "severity": KINDS[k][0], "meaning": KINDS[k][1], "count": len(v),
-              "files": v} for k, v in problems.items() if v]
+    return report(
+        root,
+        {s: {"classes": len(m), "images": sum(map(len, m.values()))} for s, m in splits.items()},
+        problems,
+    )
+
+
+def report(root: Path, splits: dict, problems: dict) -> dict:
+    """The report :func:`format_table` prints: the split sizes and the problems found."""
+    found = [
+        {"kind": k, "severity": KINDS[k][0], "meaning": KINDS[k][1], "count": len(v), "files": v}
+        for k, v in problems.items()
+        if v
+    ]
     return {
         "root": str(root),
-        "splits": {s: {"classes": len(m), "images": sum(map(len, m.values()))} for s, m in splits.items()},
+        "splits": splits,
         "problems": found,
         "errors": sum(p["count"] for p in found if p["severity"] == "error"),
         "warnings": sum(p["count"] for p in found if p["severity"] == "warning"),
     }
 
 
+def array_source(root: str | Path) -> str | None:
+    """ "cifar" or "mnist" when ``root`` holds CIFAR python batches or MNIST IDX files."""
+    from addertrain.data import cifar, mnist
+
+    root = Path(root).expanduser()
+    if any((root / layout.meta).is_file() for layout in cifar.LAYOUTS):
+        return "cifar"
+    if any((root / f"{mnist.FILES['train'][0]}{gz}").is_file() for gz in ("", ".gz")):
+        return "mnist"
+    return None
+
+
+def scan_arrays(root: str | Path, source: str) -> dict:
+    """The report of :func:`scan` for a CIFAR or MNIST folder: each split parsed as the loader
+    parses it (a refused or damaged file is an error naming it), and classes without images."""
+    import numpy as np
+
+    from addertrain.data import cifar, mnist
+
+    problems = {k: [] for k in KINDS}
+    splits = {}
+    for split in ("train", "val"):
+        try:
+            images, labels, classes = (cifar if source == "cifar" else mnist).load(root, split)
+        except UserError as e:
+            problems["bad_array_file"].append(str(e))
+            splits[split] = {"classes": 0, "images": 0}
+            continue
+        splits[split] = {
+            "classes": len(classes),
+            "images": len(images),
+            "shape": "x".join(map(str, images.shape[1:])) + " uint8",
+        }
+        empty = [
+            f"{split}/{classes[c]}"
+            for c in np.flatnonzero(np.bincount(labels, minlength=len(classes)) == 0)
+        ]
+        problems["empty_class" if split == "train" else "missing_from_val"] += empty
+    return report(Path(root).expanduser(), splits, problems)
+
+
 def format_table(report: dict, shown: int = SHOWN) -> str:
     """The split sizes, then each problem with its files (the first ``shown``; 0: all)."""
     lines = [f"dataset {report['root']}"]
     for s, v in report["splits"].items():
-        lines.append(f"  {s:<10} {v['classes']:>6} classes {v['images']:>9} images")
+        shape = f" of {v['shape']}" if v.get("shape") else ""
+        lines.append(f"  {s:<10} {v['classes']:>6} classes {v['images']:>9} images{shape}")
     for p in report["problems"]:
         lines.append(f"{p['kind']} ({p['severity']}, {p['count']}): {p['meaning']}")
         listed = p["files"][:shown] if shown else p["files"]
         lines += [f"  {f}" for f in listed]
         if len(listed) < p["count"]:
-            lines.append(f"  ... and {p['count'] - len(listed)} more (--show 0 or --json lists all)")
+            lines.append(
+                f"  ... and {p['count'] - len(listed)} more (--show 0 or --json lists all)"
+            )
     if not report["problems"]:
         lines.append("no problems found")
     verdict = "cannot be trained on" if report["errors"] else "can be trained on"
@@ -234,14 +344,27 @@ def format_table(report: dict, shown: int = SHOWN) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("dir", help="dataset folder holding the splits (train/<class>/*.JPEG, ...)")
+    p.add_argument(
+        "dir",
+        help="dataset folder holding the splits (train/<class>/*.JPEG, ...), "
+        "or CIFAR python batches, or MNIST IDX files",
+    )
     p.add_argument("--train-split", default="train", help="training split folder or file list")
     p.add_argument("--val-split", default="val", help="validation split folder or file list")
     p.add_argument("--json", metavar="PATH", help="also write the full report as JSON to PATH")
-    p.add_argument("--show", type=int, default=SHOWN, metavar="N",
-                   help=f"files listed per problem (default {SHOWN}; 0: all)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes decoding images (default: all cores)")
+    p.add_argument(
+        "--show",
+        type=int,
+        default=SHOWN,
+        metavar="N",
+        help=f"files listed per problem (default {SHOWN}; 0: all)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes decoding images (default: all cores)",
+    )
 
 
 def run(args) -> int:
@@ -249,12 +372,17 @@ def run(args) -> int:
         raise UserError("--workers must be at least 1")
     if args.show < 0:
         raise UserError("--show must be 0 (all) or a positive number of files")
-    report = scan(args.dir, args.train_split, args.val_split, args.workers)
-    print(format_table(report, args.show))
+    source = array_source(args.dir)
+    found = (
+        scan_arrays(args.dir, source)
+        if source
+        else scan(args.dir, args.train_split, args.val_split, args.workers)
+    )
+    print(format_table(found, args.show))
     if args.json:
         try:
-            Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+            Path(args.json).write_text(json.dumps(found, indent=1) + "\n")
         except OSError as e:
             raise UserError(f"cannot write the report to {args.json}: {e.strerror}") from None
         print(f"report written to {args.json}")
-    return 2 if report["errors"] else 0
+    return 2 if found["errors"] else 0

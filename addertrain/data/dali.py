@@ -1,16 +1,18 @@
-"""DALI pipelines over an ImageNet-format dataset, one worker's shard.
+"""DALI pipelines over one worker's shard of an ImageNet-format dataset (files decoded by
+DALI) or of a dataset held as uint8 arrays (CIFAR, MNIST: an external source).
 
 One graph serves CUDA and CPU: on CUDA the decoder is "mixed" (nvJPEG) and the image
 operators run on the worker's local GPU; elsewhere the pipeline has ``device_id=None``
 and CPU operators. Each epoch gets its own pipeline over this worker's file list for
 that epoch (see :mod:`addertrain.data.sharding`), so the order, the padding and the
 augmentation seed are functions of (run seed, epoch) alone. Mid-epoch positions are
-DALI pipeline checkpoints (reader position and random generator states).
+DALI pipeline checkpoints (reader or external-source position and random generator states).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,6 @@ from addertrain.config import DataConfig
 from addertrain.data import sharding
 from addertrain.data.folder import SplitIndex, class_names, index_split, read_index
 from addertrain.errors import UserError
-
 
 # Batches from the current one on that may be decoded when DALI reports an error: the
 # pipeline runs ahead by its prefetch queue (2 by default) and the iterator by one more.
@@ -32,62 +33,135 @@ def default_eval_resize(image_size: int) -> int:
     return image_size if image_size <= 64 else round(image_size * 256 / 224)
 
 
-def build_pipeline(files: list[str], labels: list[int], d: DataConfig, training: bool,
-                   batch: int, device: torch.device, seed: int, checkpoint: bytes | None = None):
+def dali_device_id(device: torch.device) -> int | None:
+    """The pipeline's device: the local CUDA index (under Ray each worker sees its own
+    CUDA_VISIBLE_DEVICES), or None for CPU operators."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def pixel_mean_std(d: DataConfig) -> tuple[list[float], list[float]]:
+    """``data.mean`` / ``data.std`` of the used channels, on the 0-255 pixel scale."""
+    return [255 * m for m in d.mean[: d.channels]], [255 * s for s in d.std[: d.channels]]
+
+
+def pad_for_crop(images, size: int, pad: int):
+    """``images`` zero-padded to (size + 2 pad) squared, and the random position of a size x
+    size window in it: one of the (2 pad + 1)^2 pixel offsets, each equally likely."""
+    from nvidia.dali import fn
+
+    images = fn.crop(
+        images, crop=(size + 2 * pad, size + 2 * pad), fill_values=0, out_of_bounds_policy="pad"
+    )
+    # k / (2 pad) puts the window's corner exactly on pixel k of the padded image
+    positions = [k / (2 * pad) for k in range(2 * pad + 1)]
+    return images, fn.random.uniform(values=positions), fn.random.uniform(values=positions)
+
+
+def build_pipeline(
+    files: list[str],
+    labels: list[int],
+    d: DataConfig,
+    training: bool,
+    batch: int,
+    device: torch.device,
+    seed: int,
+    checkpoint: bytes | None = None,
+):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device.type == "cuda"
-    # The local device index: under Ray each worker sees its own CUDA_VISIBLE_DEVICES.
-    device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
+    device_id = dali_device_id(device)
     if d.channels not in (1, 3):
-        raise UserError(f"data.channels is {d.channels}; the image pipelines produce 1 (gray) or 3 (RGB)")
+        raise UserError(
+            f"data.channels is {d.channels}; the image pipelines produce 1 (gray) or 3 (RGB)"
+        )
     color = types.RGB if d.channels == 3 else types.GRAY
-    mean = [255 * m for m in d.mean[:d.channels]]
-    std = [255 * s for s in d.std[:d.channels]]
+    mean, std = pixel_mean_std(d)
     size = d.image_size
 
-    @pipeline_def(batch_size=batch, num_threads=d.threads, device_id=device_id, seed=seed,
-                  enable_checkpointing=True)
+    @pipeline_def(
+        batch_size=batch,
+        num_threads=d.threads,
+        device_id=device_id,
+        seed=seed,
+        enable_checkpointing=True,
+    )
     def graph():
-        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
+        jpegs, label = fn.readers.file(
+            files=files, labels=labels, random_shuffle=False, name="Reader"
+        )
         decoder = "mixed" if gpu else "cpu"
         crop, pos_x, pos_y = (size, size), 0.5, 0.5
         if training and d.random_resized_crop:
             images = fn.decoders.image_random_crop(
-                jpegs, device=decoder, output_type=color, random_area=list(d.crop_scale),
-                random_aspect_ratio=list(d.crop_ratio), num_attempts=10)
+                jpegs,
+                device=decoder,
+                output_type=color,
+                random_area=list(d.crop_scale),
+                random_aspect_ratio=list(d.crop_ratio),
+                num_attempts=10,
+            )
             images = fn.resize(images, resize_x=size, resize_y=size)
             crop = None
         else:
             images = fn.decoders.image(jpegs, device=decoder, output_type=color)
             shorter = size if training else (d.eval_resize or default_eval_resize(size))
             images = fn.resize(images, resize_shorter=shorter)
-            if training:
+            if training and d.pad_crop:
+                images, pos_x, pos_y = pad_for_crop(images, size, d.pad_crop)
+            elif training:
                 pos_x, pos_y = fn.random.uniform(range=(0, 1)), fn.random.uniform(range=(0, 1))
         mirror = fn.random.coin_flip(probability=0.5) if training and d.flip else 0
         images = fn.crop_mirror_normalize(
-            images, dtype=types.FLOAT, output_layout="CHW", crop=crop, crop_pos_x=pos_x,
-            crop_pos_y=pos_y, mean=mean, std=std, mirror=mirror)
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            crop=crop,
+            crop_pos_x=pos_x,
+            crop_pos_y=pos_y,
+            mean=mean,
+            std=std,
+            mirror=mirror,
+        )
         return images, label
 
     return graph(checkpoint=checkpoint)
 
 
-class FolderLoader:
-    """One worker's batches of a split: ``(images, labels, valid)`` per step."""
+class ShardLoader:
+    """One worker's batches of a split: ``(images, labels, valid)`` per step. A subclass
+    says how a pipeline reads the samples at given indices (``_pipeline``)."""
 
-    def __init__(self, index: SplitIndex, d: DataConfig, training: bool, batch: int,
-                 shard_id: int, num_shards: int, device: torch.device, seed: int):
-        self.index, self.cfg, self.training = index, d, training
+    reader_name: str | None = "Reader"
+
+    def __init__(
+        self,
+        samples: int,
+        digest: str,
+        d: DataConfig,
+        training: bool,
+        batch: int,
+        shard_id: int,
+        num_shards: int,
+        device: torch.device,
+        seed: int,
+    ):
+        self.cfg, self.training = d, training
         self.batch, self.shard_id, self.num_shards = batch, shard_id, num_shards
         self.device, self.seed = device, seed
-        self.steps_per_epoch = sharding.steps_per_epoch(len(index.files), num_shards, batch)
-        self.fingerprint = {"samples": len(index.files), "dataset": index.digest(),
-                            "batch": batch, "shard": shard_id, "shards": num_shards}
+        self.steps_per_epoch = sharding.steps_per_epoch(samples, num_shards, batch)
+        self.fingerprint = {
+            "samples": samples,
+            "dataset": digest,
+            "batch": batch,
+            "shard": shard_id,
+            "shards": num_shards,
+        }
         self.epoch, self.step = 0, 0
         self._restored: bytes | None = None  # checkpoint to resume the current epoch from
-        self._iterator = None                # DALI iterator over the current epoch
-        self._files: list[str] = []          # what it reads, in order
+        self._iterator = None  # DALI iterator over the current epoch
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -103,17 +177,31 @@ class FolderLoader:
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        order = sharding.epoch_order(len(self.index.files), self.seed, self.epoch, self.training)
-        indices, self._valid = sharding.shard_layout(order, self.num_shards, self.batch, self.shard_id)
-        self._files = [self.index.files[i] for i in indices]
-        labels = [self.index.labels[i] for i in indices]
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, self.shard_id]).generate_state(1)[0] >> 1)
+        order = sharding.epoch_order(
+            self.fingerprint["samples"], self.seed, self.epoch, self.training
+        )
+        indices, self._valid = sharding.shard_layout(
+            order, self.num_shards, self.batch, self.shard_id
+        )
+        seed = int(
+            np.random.SeedSequence([self.seed, self.epoch, self.shard_id]).generate_state(1)[0] >> 1
+        )
         checkpoint = self._restored if self.step else None
-        pipe = build_pipeline(self._files, labels, self.cfg, self.training, self.batch, self.device,
-                              seed, checkpoint)
-        # The file list is a whole number of batches, so no last-batch policy ever applies.
-        return DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
-                                   last_batch_policy=LastBatchPolicy.FILL, auto_reset=False)
+        pipe = self._pipeline(indices, seed, checkpoint)
+        # The sample list is a whole number of batches, so no last-batch policy ever applies.
+        return DALIGenericIterator(
+            pipe,
+            ["images", "labels"],
+            reader_name=self.reader_name,
+            last_batch_policy=LastBatchPolicy.FILL,
+            auto_reset=False,
+        )
+
+    def _pipeline(self, indices: np.ndarray, seed: int, checkpoint: bytes | None):
+        raise NotImplementedError
+
+    def _broken_file(self) -> str | None:
+        return None
 
     def _next_batch(self) -> dict:
         try:
@@ -124,23 +212,15 @@ class FolderLoader:
             # DALI's decode errors do not say which file failed ("nvImageCodec failure '#3'").
             broken = self._broken_file()
             if broken is None:
-                e.add_note(f"If an image is broken, `addertrain data check {self.cfg.root}` finds it.")
+                e.add_note(
+                    f"If an image is broken, `addertrain data check {self.cfg.root}` finds it."
+                )
                 raise
-            raise UserError(f"the image decoder failed on {broken}; replace it with a readable "
-                            "image and resume with --resume auto (`addertrain data check "
-                            f"{self.cfg.root}` finds any others)") from None
-
-    def _broken_file(self) -> str | None:
-        """"path (why)" of the first file from the current batch on (as far as DALI reads
-        ahead) that Pillow cannot decode either, or None."""
-        from addertrain.data.check import inspect_image
-
-        start = self.step * self.batch
-        for path in self._files[start:start + READ_AHEAD * self.batch]:
-            error = inspect_image(path)[3]
-            if error:
-                return f"{path} ({error})"
-        return None
+            raise UserError(
+                f"the image decoder failed on {broken}; replace it with a readable "
+                "image and resume with --resume auto (`addertrain data check "
+                f"{self.cfg.root}` finds any others)"
+            ) from None
 
     def __iter__(self):
         """The remaining steps of the current epoch; afterwards the loader is at the next epoch."""
@@ -164,19 +244,71 @@ class FolderLoader:
         changed = {k: (state.get(k), v) for k, v in self.fingerprint.items() if state.get(k) != v}
         if changed:
             what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-            raise UserError(f"the saved data position does not fit this run ({what}); resume with the "
-                            "same dataset, workers and batch size, or start a new run")
+            raise UserError(
+                f"the saved data position does not fit this run ({what}); resume with the "
+                "same dataset, workers and batch size, or start a new run"
+            )
         if 0 < state["step"] < self.steps_per_epoch and "dali" not in state:
-            raise UserError("the saved data position is mid-epoch but lacks its DALI checkpoint; "
-                            "the checkpoint is damaged, resume from another one")
+            raise UserError(
+                "the saved data position is mid-epoch but lacks its DALI checkpoint; "
+                "the checkpoint is damaged, resume from another one"
+            )
         self.epoch, self.step = state["epoch"], state["step"]
         self._restored = base64.b64decode(state["dali"]) if "dali" in state else None
         self._iterator = None
 
 
-def build_folder_loader(d: DataConfig, split: str, batch: int, shard_id: int, num_shards: int,
-                        device: torch.device, seed: int, training: bool,
-                        index_dir: Path | None = None) -> FolderLoader:
+class FolderLoader(ShardLoader):
+    """An ImageNet-format folder (or file list), decoded by DALI's image decoder."""
+
+    def __init__(
+        self,
+        index: SplitIndex,
+        d: DataConfig,
+        training: bool,
+        batch: int,
+        shard_id: int,
+        num_shards: int,
+        device: torch.device,
+        seed: int,
+    ):
+        super().__init__(
+            len(index.files), index.digest(), d, training, batch, shard_id, num_shards, device, seed
+        )
+        self.index = index
+        self._files: list[str] = []  # what the current epoch's pipeline reads, in order
+
+    def _pipeline(self, indices, seed, checkpoint):
+        self._files = [self.index.files[i] for i in indices]
+        labels = [self.index.labels[i] for i in indices]
+        return build_pipeline(
+            self._files, labels, self.cfg, self.training, self.batch, self.device, seed, checkpoint
+        )
+
+    def _broken_file(self) -> str | None:
+        """ "path (why)" of the first file from the current batch on (as far as DALI reads
+        ahead) that Pillow cannot decode either, or None."""
+        from addertrain.data.check import inspect_image
+
+        start = self.step * self.batch
+        for path in self._files[start : start + READ_AHEAD * self.batch]:
+            error = inspect_image(path)[3]
+            if error:
+                return f"{path} ({error})"
+        return None
+
+
+def build_folder_loader(
+    d: DataConfig,
+    split: str,
+    batch: int,
+    shard_id: int,
+    num_shards: int,
+    device: torch.device,
+    seed: int,
+    training: bool,
+    index_dir: Path | None = None,
+) -> FolderLoader:
     """The loader of ``split`` ("train" or "val") for worker ``shard_id`` of ``num_shards``,
     from the index the launch wrote into ``index_dir`` if it has one, else from a listing.
 
@@ -187,3 +319,158 @@ def build_folder_loader(d: DataConfig, split: str, batch: int, shard_id: int, nu
     if index is None:
         index = index_split(d.root, name, class_names(d.root, d.train_split))
     return FolderLoader(index, d, training, batch, shard_id, num_shards, device, seed)
+
+
+def build_array_pipeline(
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    d: DataConfig,
+    training: bool,
+    batch: int,
+    device: torch.device,
+    seed: int,
+    checkpoint: bytes | None = None,
+):
+    """Decoded uint8 images (N x H x W x C) fed to DALI from memory: no file reading or
+    decoding, so nothing is re-encoded. Images not image_size square are resized to it;
+    training pads and crops (``data.pad_crop``) and flips (``data.flip``)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device.type == "cuda"
+    device_id = dali_device_id(device)
+    size, pad = d.image_size, d.pad_crop if training else 0
+    mean, std = pixel_mean_std(d)
+    steps = len(indices) // batch
+
+    def source(info):
+        # A function of the iteration alone, which is what DALI checkpoints for a callable
+        # source: a restored pipeline asks again from the saved iteration.
+        if info.iteration >= steps:
+            raise StopIteration
+        rows = indices[info.iteration * batch : (info.iteration + 1) * batch]
+        return images[rows], labels[rows].astype(np.int32)[:, None]
+
+    @pipeline_def(
+        batch_size=batch,
+        num_threads=d.threads,
+        device_id=device_id,
+        seed=seed,
+        enable_checkpointing=True,
+    )
+    def graph():
+        image, label = fn.external_source(
+            source, num_outputs=2, batch=True, batch_info=True, layout=["HWC", None]
+        )
+        if gpu:
+            image = image.gpu()
+        if images.shape[1:3] != (size, size):
+            image = fn.resize(image, resize_x=size, resize_y=size)
+        crop, pos_x, pos_y = None, 0.5, 0.5
+        if pad:
+            image, pos_x, pos_y = pad_for_crop(image, size, pad)
+            crop = (size, size)
+        mirror = fn.random.coin_flip(probability=0.5) if training and d.flip else 0
+        image = fn.crop_mirror_normalize(
+            image,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            crop=crop,
+            crop_pos_x=pos_x,
+            crop_pos_y=pos_y,
+            mean=mean,
+            std=std,
+            mirror=mirror,
+        )
+        return image, label
+
+    return graph(checkpoint=checkpoint)
+
+
+class ArrayLoader(ShardLoader):
+    """A dataset held as uint8 arrays (CIFAR batches, MNIST IDX files) in each worker."""
+
+    reader_name = None  # the external source ends the epoch; the loader counts its steps
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        d: DataConfig,
+        training: bool,
+        batch: int,
+        shard_id: int,
+        num_shards: int,
+        device: torch.device,
+        seed: int,
+    ):
+        if images.shape[3] != d.channels:
+            raise UserError(
+                f"data.channels is {d.channels} but the {d.source} images have "
+                f"{images.shape[3]}; set data.channels={images.shape[3]}"
+            )
+        digest = hashlib.sha256(images.data)
+        digest.update(labels.astype("<i8").tobytes())
+        super().__init__(
+            len(labels),
+            digest.hexdigest()[:16],
+            d,
+            training,
+            batch,
+            shard_id,
+            num_shards,
+            device,
+            seed,
+        )
+        self.images, self.labels = images, labels
+
+    def _pipeline(self, indices, seed, checkpoint):
+        return build_array_pipeline(
+            self.images,
+            self.labels,
+            indices,
+            self.cfg,
+            self.training,
+            self.batch,
+            self.device,
+            seed,
+            checkpoint,
+        )
+
+
+def load_arrays(d: DataConfig, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images N x H x W x C uint8, labels, class names) of an array source's split."""
+    from addertrain.data import cifar, mnist
+
+    return (cifar if d.source == "cifar" else mnist).load(d.root, split)
+
+
+def build_array_loader(
+    d: DataConfig,
+    split: str,
+    batch: int,
+    shard_id: int,
+    num_shards: int,
+    device: torch.device,
+    seed: int,
+    training: bool,
+) -> ArrayLoader:
+    images, labels, _ = load_arrays(d, split)
+    return ArrayLoader(images, labels, d, training, batch, shard_id, num_shards, device, seed)
+
+
+def check_arrays(d: DataConfig, num_classes: int, training: bool) -> tuple[list[str], int]:
+    """What launch checks of an array source before any worker starts: the files parse, the
+    classes and channels fit the recipe. Returns (class names, images of the split read)."""
+    images, _, classes = load_arrays(d, "train" if training else "val")
+    if len(classes) != num_classes:
+        raise UserError(
+            f"{d.root} holds {len(classes)} classes but model.num_classes is "
+            f"{num_classes}; set model.num_classes={len(classes)}"
+        )
+    if images.shape[3] != d.channels:
+        raise UserError(
+            f"the {d.source} images have {images.shape[3]} channel(s) but "
+            f"data.channels is {d.channels}; set data.channels={images.shape[3]}"
+        )
+    return classes, len(images)

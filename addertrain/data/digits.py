@@ -60,24 +60,40 @@ def prepare_digits(root: str | Path, size: int = 32) -> Path:
     run never leaves a half-written dataset at ``root``."""
     root = Path(root).expanduser()
     if size < 8:
-        raise UserError(f"digits size {size} is below the 8x8 originals; use 8 or more (32 suits ResNet-20)")
+        raise UserError(
+            f"digits size {size} is below the 8x8 originals; use 8 or more (32 suits ResNet-20)"
+        )
     if root.exists():
         meta = root / META
         if not meta.is_file():
-            raise UserError(f"{root} exists but is not a digits dataset; choose another folder or remove it")
+            raise UserError(
+                f"{root} exists but is not a digits dataset; choose another folder or remove it"
+            )
         found = json.loads(meta.read_text()).get("size")
         if found != size:
-            raise UserError(f"{root} holds digits at {found}x{found}, not {size}x{size}; remove it "
-                            f"or use data.image_size={found}")
+            raise UserError(
+                f"{root} holds digits at {found}x{found}, not {size}x{size}; remove it "
+                f"or use data.image_size={found}"
+            )
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         counts = _write(tmp, size)
-        (tmp / META).write_text(json.dumps({
-            "source": "sklearn.datasets.load_digits", "size": size, "val_fraction": VAL_FRACTION,
-            "split_seed": SPLIT_SEED, **counts}, indent=1) + "\n")
+        (tmp / META).write_text(
+            json.dumps(
+                {
+                    "source": "sklearn.datasets.load_digits",
+                    "size": size,
+                    "val_fraction": VAL_FRACTION,
+                    "split_seed": SPLIT_SEED,
+                    **counts,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         os.rename(tmp, root)
     except OSError as e:
         # Another process may have finished first; its copy is identical.
@@ -96,6 +112,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     root = prepare_digits(args.dir, args.size)
     meta = json.loads((root / META).read_text())
-    print(f"digits at {root}: {meta['train']} train + {meta['val']} val images, 10 classes, "
-          f"{meta['size']}x{meta['size']} JPEG")
+    print(
+        f"digits at {root}: {meta['train']} train + {meta['val']} val images, 10 classes, "
+        f"{meta['size']}x{meta['size']} JPEG"
+    )
     return 0

@@ -42,8 +42,14 @@ def fake_image(level: float, sign: int, width: int, height: int, mode: str, rng)
     return Image.fromarray(pixels, "RGB").convert(mode)
 
 
-def write_fake(root: str | Path, classes: int, per_class: int, val_per_class: int,
-               seed: int = 0, sizes: tuple[int, int] = (24, 72)) -> Path:
+def write_fake(
+    root: str | Path,
+    classes: int,
+    per_class: int,
+    val_per_class: int,
+    seed: int = 0,
+    sizes: tuple[int, int] = (24, 72),
+) -> Path:
     import numpy as np
 
     root = Path(root)
@@ -59,8 +65,9 @@ def write_fake(root: str | Path, classes: int, per_class: int, val_per_class: in
             folder.mkdir(parents=True)
             for i in range(count):
                 w, h = rng.integers(sizes[0], sizes[1] + 1, size=2)
-                img = fake_image(class_level(c, classes), 1 if c % 2 else -1, int(w), int(h),
-                                 image_mode(k), rng)
+                img = fake_image(
+                    class_level(c, classes), 1 if c % 2 else -1, int(w), int(h), image_mode(k), rng
+                )
                 img.save(folder / f"{split}_{c:03d}_{i:05d}.JPEG", quality=95)
                 k += 1
     return root
@@ -69,9 +76,15 @@ def write_fake(root: str | Path, classes: int, per_class: int, val_per_class: in
 def add_arguments(p) -> None:
     p.add_argument("dir", help="output folder (gets train/ and val/)")
     p.add_argument("--classes", type=int, default=4, help="number of classes (default 4)")
-    p.add_argument("--per-class", type=int, default=16, help="training images per class (default 16)")
-    p.add_argument("--val-per-class", type=int, default=None,
-                   help="validation images per class (default: a quarter of --per-class, at least 1)")
+    p.add_argument(
+        "--per-class", type=int, default=16, help="training images per class (default 16)"
+    )
+    p.add_argument(
+        "--val-per-class",
+        type=int,
+        default=None,
+        help="validation images per class (default: a quarter of --per-class, at least 1)",
+    )
     p.add_argument("--min-size", type=int, default=24, help="smallest image side (default 24)")
     p.add_argument("--max-size", type=int, default=72, help="largest image side (default 72)")
     p.add_argument("--seed", type=int, default=0)
@@ -81,7 +94,8 @@ def run(args) -> int:
     val = args.val_per_class if args.val_per_class is not None else max(1, args.per_class // 4)
     if not 8 <= args.min_size <= args.max_size:
         raise UserError("--min-size must be at least 8 and at most --max-size")
-    root = write_fake(args.dir, args.classes, args.per_class, val, args.seed,
-                      (args.min_size, args.max_size))
+    root = write_fake(
+        args.dir, args.classes, args.per_class, val, args.seed, (args.min_size, args.max_size)
+    )
     print(f"wrote {args.classes} classes x ({args.per_class} train + {val} val) JPEGs to {root}")
     return 0

@@ -25,9 +25,9 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 @dataclass(frozen=True)
 class SplitIndex:
-    files: list[str]     # absolute paths, in a fixed order (class, then file name)
+    files: list[str]  # absolute paths, in a fixed order (class, then file name)
     labels: list[int]
-    classes: list[str]   # class names in index order
+    classes: list[str]  # class names in index order
 
     def digest(self) -> str:
         """A short hash of the file list and labels, to tell a changed dataset on resume."""
@@ -49,20 +49,24 @@ def first_few(items: list[str], n: int = 5) -> str:
 
 def describe_oserror(e: OSError) -> str:
     """Why a dataset entry cannot be read, in words."""
-    return {errno.ELOOP: "symlink loop", errno.ENOENT: "missing or a broken symlink",
-            errno.EISDIR: "a folder"}.get(e.errno, e.strerror or str(e))
+    return {
+        errno.ELOOP: "symlink loop",
+        errno.ENOENT: "missing or a broken symlink",
+        errno.EISDIR: "a folder",
+    }.get(e.errno, e.strerror or str(e))
 
 
 @dataclass(frozen=True)
 class Listing:
     """A folder's entries as the loader reads them; hidden entries are skipped."""
+
     members: list[str]  # the class folders of a split folder, or the images of a class folder
     ignored: list[str]  # anything else that the loader skips
-    broken: list[str]   # "name (why)" of entries the loader refuses, e.g. a symlink loop
+    broken: list[str]  # "name (why)" of entries the loader refuses, e.g. a symlink loop
 
 
 def _entry_kind(entry: os.DirEntry) -> str:
-    """"dir", "file", or why the entry is neither."""
+    """ "dir", "file", or why the entry is neither."""
     try:
         if entry.is_dir():
             return "dir"
@@ -99,8 +103,10 @@ def list_folder(path: Path, images: bool) -> Listing:
 def _readable_members(path: Path, images: bool) -> list[str]:
     listing = list_folder(path, images)
     if listing.broken:
-        raise UserError(f"{path} holds entries the loader cannot read: {first_few(listing.broken)}; "
-                        "fix or remove them (`addertrain data check` lists every problem)")
+        raise UserError(
+            f"{path} holds entries the loader cannot read: {first_few(listing.broken)}; "
+            "fix or remove them (`addertrain data check` lists every problem)"
+        )
     return listing.members
 
 
@@ -116,16 +122,22 @@ def image_names(class_dir: Path) -> list[str]:
 def split_path(root: str | Path, split: str) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise UserError(f"dataset folder {root} does not exist; set data.root to a folder holding "
-                        f"{split}/<class>/*.JPEG (e.g. `addertrain data digits {root}` makes one)")
+        raise UserError(
+            f"dataset folder {root} does not exist; set data.root to a folder holding "
+            f"{split}/<class>/*.JPEG (e.g. `addertrain data digits {root}` makes one)"
+        )
     path = root / split
     if path.is_symlink() and not path.exists():
-        raise UserError(f"split {path} is a symlink that leads nowhere (broken, or a loop); point "
-                        "it at the split's folder or file list")
+        raise UserError(
+            f"split {path} is a symlink that leads nowhere (broken, or a loop); point "
+            "it at the split's folder or file list"
+        )
     if not path.exists():
         found = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
-        raise UserError(f"dataset {root} has no split {split!r} (found: {', '.join(found) or 'nothing'}); "
-                        f"expected {path}/<class>/*.JPEG or a file list {path}")
+        raise UserError(
+            f"dataset {root} has no split {split!r} (found: {', '.join(found) or 'nothing'}); "
+            f"expected {path}/<class>/*.JPEG or a file list {path}"
+        )
     return path
 
 
@@ -135,12 +147,16 @@ def parse_file_list(path: Path) -> tuple[list[tuple[str, int]], list[tuple[int, 
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"file list {path} is not UTF-8 text (byte offset {e.start}); write one "
-                        "'relative/path label' per line in UTF-8") from None
+        raise UserError(
+            f"file list {path} is not UTF-8 text (byte offset {e.start}); write one "
+            "'relative/path label' per line in UTF-8"
+        ) from None
     entries, bad = [], []
     for n, line in enumerate(text.splitlines(), 1):
         fields = line.strip().rsplit(None, 1)
-        if len(fields) == 2 and fields[1].isdecimal():  # isdigit() also passes "²", which int() refuses
+        if (
+            len(fields) == 2 and fields[1].isdecimal()
+        ):  # isdigit() also passes "²", which int() refuses
             entries.append((fields[0], int(fields[1])))
         elif fields:
             bad.append((n, line.strip()))
@@ -151,7 +167,9 @@ def _read_file_list(path: Path) -> tuple[list[str], list[int]]:
     entries, bad = parse_file_list(path)
     if bad:
         lines = [f"{path}:{n}: {line!r}" for n, line in bad]
-        raise UserError(f"malformed file list lines, expected 'relative/path label': {first_few(lines, 3)}")
+        raise UserError(
+            f"malformed file list lines, expected 'relative/path label': {first_few(lines, 3)}"
+        )
     if not entries:
         raise UserError(f"file list {path} is empty; list one 'relative/path label' per line")
     # abspath, not resolve(): a symlink loop in the list must reach the checks, not raise here
@@ -176,14 +194,18 @@ def index_split(root: str | Path, split: str, classes: list[str]) -> SplitIndex:
         files, labels = _read_file_list(path)
         bad = sorted({y for y in labels if y >= len(classes)})
         if bad:
-            raise UserError(f"file list {path} uses labels {bad[:5]} but the training split has "
-                            f"{len(classes)} classes")
+            raise UserError(
+                f"file list {path} uses labels {bad[:5]} but the training split has "
+                f"{len(classes)} classes"
+            )
         return SplitIndex(files, labels, classes)
     index = {name: i for i, name in enumerate(classes)}
     unknown = [c for c in class_folders(path) if c not in index]
     if unknown:
-        raise UserError(f"{path} has class folders missing from the training split: "
-                        f"{', '.join(unknown[:5])}; remove them or add them to training")
+        raise UserError(
+            f"{path} has class folders missing from the training split: "
+            f"{', '.join(unknown[:5])}; remove them or add them to training"
+        )
     files, labels = [], []
     for name in classes:
         folder = path / name
@@ -199,13 +221,15 @@ def index_split(root: str | Path, split: str, classes: list[str]) -> SplitIndex:
 INDEX = "dataset-index.json.gz"
 
 
-def write_index(root: str | Path, splits: tuple[str, str], run_dir: str | Path) -> Path:
-    """List the dataset once, on the launch driver, into ``run_dir``: every worker of the run,
-    and of every restart, reads this instead of walking the (possibly shared, million-file)
-    dataset itself. ``splits`` is (training split, validation split)."""
-    classes = class_names(root, splits[0])
-    data = {"root": str(root), "classes": classes,
-            "splits": {s: dataclasses.asdict(index_split(root, s, classes)) for s in splits}}
+def write_index(root: str | Path, splits: dict[str, SplitIndex], run_dir: str | Path) -> Path:
+    """Save the dataset as the launch driver listed it into ``run_dir``: every worker of the
+    run, and of every restart, reads this instead of walking the (possibly shared,
+    million-file) dataset itself. ``splits``: {split name: its index}, the training split first."""
+    data = {
+        "root": str(root),
+        "classes": next(iter(splits.values())).classes,
+        "splits": {s: dataclasses.asdict(index) for s, index in splits.items()},
+    }
     path = Path(run_dir) / INDEX
     tmp = path.with_name(path.name + ".tmp")
     with gzip.open(tmp, "wt", compresslevel=1) as f:

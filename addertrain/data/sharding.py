@@ -23,16 +23,17 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def shard_layout(order: np.ndarray, num_shards: int, batch: int,
-                 shard_id: int) -> tuple[np.ndarray, list[int]]:
+def shard_layout(
+    order: np.ndarray, num_shards: int, batch: int, shard_id: int
+) -> tuple[np.ndarray, list[int]]:
     """Sample indices (``steps * batch`` of them) for one worker and the valid count per step."""
     n = len(order)
     steps = steps_per_epoch(n, num_shards, batch)
     step_size = num_shards * batch
-    full = order[:(steps - 1) * step_size].reshape(steps - 1, num_shards, batch)[:, shard_id]
-    tail = order[(steps - 1) * step_size:]
+    full = order[: (steps - 1) * step_size].reshape(steps - 1, num_shards, batch)[:, shard_id]
+    tail = order[(steps - 1) * step_size :]
     bounds = [w * len(tail) // num_shards for w in range(num_shards + 1)]
-    real = tail[bounds[shard_id]:bounds[shard_id + 1]]
+    real = tail[bounds[shard_id] : bounds[shard_id + 1]]
     # Padding of the workers before this one comes first, so fillers differ across workers.
     pad_before = shard_id * batch - bounds[shard_id]
     filler = order[(pad_before + np.arange(batch - len(real))) % n]

@@ -15,9 +15,20 @@ _SPLIT_SEED = {"train": 1, "val": 2}
 
 
 class SyntheticLoader:
-    def __init__(self, num_classes: int, size: int, image_size: int, channels: int, batch: int,
-                 shard_id: int, num_shards: int, device: torch.device, seed: int, split: str,
-                 training: bool):
+    def __init__(
+        self,
+        num_classes: int,
+        size: int,
+        image_size: int,
+        channels: int,
+        batch: int,
+        shard_id: int,
+        num_shards: int,
+        device: torch.device,
+        seed: int,
+        split: str,
+        training: bool,
+    ):
         self.num_classes, self.size, self.batch = num_classes, size, batch
         self.shard_id, self.num_shards, self.device = shard_id, num_shards, device
         self.seed, self.training = seed, training
@@ -27,13 +38,16 @@ class SyntheticLoader:
         # Low-frequency class patterns so that small convnets separate them quickly.
         coarse = torch.randn(num_classes, channels, 4, 4, generator=g)
         self.patterns = torch.nn.functional.interpolate(
-            coarse, size=(image_size, image_size), mode="bilinear", align_corners=False).to(device)
+            coarse, size=(image_size, image_size), mode="bilinear", align_corners=False
+        ).to(device)
         # Training drops the ragged tail; evaluation pads it and masks the padding out.
         global_batch = batch * num_shards
-        self.steps_per_epoch = (size // global_batch if training else -(-size // global_batch))
+        self.steps_per_epoch = size // global_batch if training else -(-size // global_batch)
         if self.steps_per_epoch == 0:
-            raise UserError(f"{size} synthetic samples give no full batch of {global_batch}; raise "
-                            f"data.synthetic.{split}_size to at least {global_batch}")
+            raise UserError(
+                f"{size} synthetic samples give no full batch of {global_batch}; raise "
+                f"data.synthetic.{split}_size to at least {global_batch}"
+            )
         self.epoch, self.step = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -58,7 +72,7 @@ class SyntheticLoader:
         order = self._order()
         while self.step < self.steps_per_epoch:
             start = (self.step * self.num_shards + self.shard_id) * self.batch
-            idx = order[start:start + self.batch].tolist()
+            idx = order[start : start + self.batch].tolist()
             valid = len(idx)
             idx += [idx[-1] if idx else 0] * (self.batch - valid)
             images, labels = zip(*(self._sample(i) for i in idx))

@@ -15,10 +15,11 @@ from torch import nn
 from addertrain.nn import AdderConv2d, BatchNorm2d
 
 
-def conv_factory(kind: str, backend: str):
-    """A ``(in, out, kernel, stride, padding)`` constructor for the network's body convs."""
+def conv_factory(kind: str, backend: str, **rules):
+    """A ``(in, out, kernel, stride, padding)`` constructor for the network's body convs;
+    ``rules`` (grad, input_grad) go to the adder layers."""
     if kind == "adder":
-        return lambda i, o, k, s=1, p=0: AdderConv2d(i, o, k, s, p, backend=backend)
+        return lambda i, o, k, s=1, p=0: AdderConv2d(i, o, k, s, p, backend=backend, **rules)
     if kind == "conv":
         return lambda i, o, k, s=1, p=0: nn.Conv2d(i, o, k, s, p, bias=False)
     raise ValueError(f"conv kind {kind!r} is not adder or conv")
@@ -26,7 +27,9 @@ def conv_factory(kind: str, backend: str):
 
 def shortcut(conv, bn, cin, cout, stride):
     """The 1x1 projection (conv of the body's kind + BN) where the shape changes, else None."""
-    return nn.Sequential(conv(cin, cout, 1, stride), bn(cout)) if stride != 1 or cin != cout else None
+    return (
+        nn.Sequential(conv(cin, cout, 1, stride), bn(cout)) if stride != 1 or cin != cout else None
+    )
 
 
 class BasicBlock(nn.Module):
@@ -114,9 +117,18 @@ ARCHS = {
 }
 
 
-def create_model(arch: str, conv: str = "adder", num_classes: int = 1000, head: str = "auto",
-                 backend: str = "auto", bn_momentum: float = 0.1, in_channels: int = 3) -> ResNet:
-    """Build ``arch`` with adder (the paper's AdderNet) or ordinary convolutions."""
+def create_model(
+    arch: str,
+    conv: str = "adder",
+    num_classes: int = 1000,
+    head: str = "auto",
+    backend: str = "auto",
+    bn_momentum: float = 0.1,
+    in_channels: int = 3,
+    **rules,
+) -> ResNet:
+    """Build ``arch`` with adder (the paper's AdderNet) or ordinary convolutions; ``rules``
+    (``grad``, ``input_grad``) choose the adder layers' backward (AdderConv2d)."""
     if arch not in ARCHS:
         raise ValueError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
     block, layers, widths, imagenet = ARCHS[arch]
@@ -124,13 +136,29 @@ def create_model(arch: str, conv: str = "adder", num_classes: int = 1000, head: 
         head = "bn" if conv == "adder" else "linear"
     bn = partial(BatchNorm2d, momentum=bn_momentum)
     if imagenet:
-        stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), bn(64),
-                             nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False),
+            bn(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
     else:
-        stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
-                             bn(widths[0]), nn.ReLU(inplace=True))
-    return ResNet(block, layers, widths, stem, num_classes, conv_factory(conv, backend), bn,
-                  head, bn_momentum)
+        stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+            bn(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+    return ResNet(
+        block,
+        layers,
+        widths,
+        stem,
+        num_classes,
+        conv_factory(conv, backend, **rules),
+        bn,
+        head,
+        bn_momentum,
+    )
 
 
 def adder_layers(model: nn.Module) -> list[tuple[str, AdderConv2d]]:

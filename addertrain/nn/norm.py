@@ -20,8 +20,16 @@ class BatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(x)
         if self.training:
             self.num_batches_tracked.add_(1)
-        y = F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(),
-                         self.bias.float(), self.training, self.momentum, self.eps)
+        y = F.batch_norm(
+            x.float(),
+            self.running_mean,
+            self.running_var,
+            self.weight.float(),
+            self.bias.float(),
+            self.training,
+            self.momentum,
+            self.eps,
+        )
         return y.to(self.weight.dtype)
 
 
@@ -35,8 +43,12 @@ def average_running_stats(model: nn.Module) -> None:
     keeps what every shard saw; with equal shard sizes the mean of the ranks' running means
     is the running mean of the global batch.
     """
-    stats = [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             for t in (m.running_mean, m.running_var)]
+    stats = [
+        t
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for t in (m.running_mean, m.running_var)
+    ]
     if not stats:
         return
     flat = torch.cat([t.reshape(-1) for t in stats])

@@ -6,7 +6,8 @@ pixels' patches becomes one row of ``cols`` ``[rows, K]`` (``K = kh*kw*C_in``, o
 ``(kh, kw, C_in)``; the weight is permuted to the same order). Forward and input
 gradient then walk ``cols`` ``R`` rows at a time through one ``[R, C_out, K]``
 buffer, so the ``[C_out, K, N*L]`` tensor of the official release never exists;
-the weight gradient is one GEMM per block and a rank-1 term.
+the weight gradient is one GEMM per block and a rank-1 term (its sign ablation, not a
+GEMM, walks the rows as the forward does).
 
 Extra memory: each of forward, grad_input and grad_weight allocates at most,
 beyond its inputs and its output,
@@ -33,8 +34,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 21   # elements of the [R, C_out, K] buffer
-BLOCK_ELEMENTS = 1 << 21   # elements of one block's patch rows (at least one image)
+CHUNK_ELEMENTS = 1 << 21  # elements of the [R, C_out, K] buffer
+BLOCK_ELEMENTS = 1 << 21  # elements of one block's patch rows (at least one image)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,15 +71,16 @@ def _channels_last(t: torch.Tensor, dtype: torch.dtype, pad: int = 0) -> torch.T
     n, c, h, w = t.shape
     shape = (n, h + 2 * pad, w + 2 * pad, c)
     out = t.new_zeros(shape, dtype=dtype) if pad else t.new_empty(shape, dtype=dtype)
-    out[:, pad:pad + h, pad:pad + w].copy_(t.permute(0, 2, 3, 1))
+    out[:, pad : pad + h, pad : pad + w].copy_(t.permute(0, 2, 3, 1))
     return out
 
 
 def _patch_view(t: torch.Tensor, kh: int, kw: int, stride: int, oh: int, ow: int) -> torch.Tensor:
     """``[N, OH, OW, kh, kw, C]`` view of the patches of a contiguous padded NHWC tensor."""
     sn, sh, sw, sc = t.stride()
-    return t.as_strided((t.shape[0], oh, ow, kh, kw, t.shape[3]),
-                        (sn, sh * stride, sw * stride, sh, sw, sc))
+    return t.as_strided(
+        (t.shape[0], oh, ow, kh, kw, t.shape[3]), (sn, sh * stride, sw * stride, sh, sw, sc)
+    )
 
 
 class _Geometry:
@@ -106,8 +108,10 @@ class _Geometry:
         return _channels_last(w, self.dtype).view(self.o, self.k)
 
     def chunk_buffer(self, like):
-        return like.new_empty((chunk_rows(self.images * self.oh * self.ow, self.o, self.k),
-                               self.o, self.k), dtype=self.dtype)
+        return like.new_empty(
+            (chunk_rows(self.images * self.oh * self.ow, self.o, self.k), self.o, self.k),
+            dtype=self.dtype,
+        )
 
     def fold(self, dcols):
         """col2im: ``[images*OH*OW, K]`` patch gradients -> ``[images, C, H, W]`` view."""
@@ -119,7 +123,7 @@ class _Geometry:
         for i in range(self.kh):
             for j in range(self.kw):
                 target[:, :, :, i, j].add_(source[:, :, :, i, j])
-        return gxp[:, p:p + self.h, p:p + self.w].permute(0, 3, 1, 2)
+        return gxp[:, p : p + self.h, p : p + self.w].permute(0, 3, 1, 2)
 
 
 def _row_chunks(rows: int, size: int):
@@ -130,27 +134,47 @@ def _row_chunks(rows: int, size: int):
 # Each block's temporaries live in its own function call, so that one block's are
 # freed before the next block's are allocated.
 
+
 def _block_distances(geo, xb, w2, buf):
     """``[rows, C_out]`` sums ``sum_k |x - w|`` for one block."""
     cols = geo.cols(xb)
     dist = cols.new_empty((cols.shape[0], geo.o))
     for rows in _row_chunks(cols.shape[0], buf.shape[0]):
-        b = buf[:rows.stop - rows.start]
+        b = buf[: rows.stop - rows.start]
         torch.sub(cols[rows, None], w2, out=b).abs_()
         torch.sum(b, 2, out=dist[rows])
     return dist.view(-1, geo.oh, geo.ow, geo.o).permute(0, 3, 1, 2)
 
 
-def _block_patch_grads(geo, xb, gb, w2, buf):
-    """``[rows, K]`` patch gradients ``sum_o g clamp(w - x, -1, 1)`` for one block."""
+# The input-gradient rules, applied in place to a chunk of ``w - x`` (addertrain/nn/adder.py).
+INPUT_RULES = {
+    "hardtanh": lambda d: d.clamp_(-1, 1),
+    "full": lambda d: d,
+    "sign": torch.Tensor.sign_,
+}
+
+
+def _block_patch_grads(geo, xb, gb, w2, buf, rule):
+    """``[rows, K]`` patch gradients ``sum_o g rule(w - x)`` for one block."""
     cols = geo.cols(xb)
     g2 = _channels_last(gb, geo.dtype).view(-1, 1, geo.o)
     for rows in _row_chunks(cols.shape[0], buf.shape[0]):
-        b = buf[:rows.stop - rows.start]
-        torch.sub(w2, cols[rows, None], out=b).clamp_(-1, 1)
+        b = buf[: rows.stop - rows.start]
+        INPUT_RULES[rule](torch.sub(w2, cols[rows, None], out=b))
         # the chunk's rows are consumed once b holds them, so they take the result
         torch.bmm(g2[rows], b, out=cols[rows, None])
     return cols
+
+
+def _block_sign_weight_grad(geo, xb, gb, w2, buf, gw):
+    """``gw += sum_p g[p,o] sign(x[p,k] - w[o,k])`` for one block: no GEMM, so chunked
+    through ``buf`` as the forward is."""
+    cols = geo.cols(xb)
+    g2 = _channels_last(gb, geo.dtype).view(-1, geo.o)
+    for rows in _row_chunks(cols.shape[0], buf.shape[0]):
+        b = buf[: rows.stop - rows.start]
+        torch.sub(cols[rows, None], w2, out=b).sign_().mul_(g2[rows, :, None])
+        gw.add_(b.sum(0))
 
 
 def _block_weight_grad(geo, xb, gb, gw, gsum):
@@ -170,24 +194,35 @@ def forward(x, w, stride, padding):
     return y.neg_()
 
 
-def grad_weight(g, x, w, stride, padding):
-    """``dW[o,k] = sum_p g[p,o] x[p,k] - W[o,k] sum_p g[p,o]``: a GEMM per block, a rank-1 term."""
+def grad_weight(g, x, w, stride, padding, rule="full"):
+    """``full``: ``dW[o,k] = sum_p g[p,o] x[p,k] - W[o,k] sum_p g[p,o]``, a GEMM per block and a
+    rank-1 term; ``sign``: ``dW[o,k] = sum_p g[p,o] sign(x[p,k] - W[o,k])``."""
     geo = _Geometry(x, w, stride, padding)
     gw = x.new_zeros((geo.o, geo.k), dtype=geo.dtype)
-    gsum = x.new_zeros(geo.o, dtype=geo.dtype)
-    for images in geo.blocks():
-        _block_weight_grad(geo, x[images], g[images], gw, gsum)
-    gw.addcmul_(geo.weight_rows(w), gsum[:, None], value=-1)
+    if rule == "sign":
+        w2, buf = geo.weight_rows(w), geo.chunk_buffer(x)
+        for images in geo.blocks():
+            _block_sign_weight_grad(geo, x[images], g[images], w2, buf, gw)
+    elif rule == "full":
+        gsum = x.new_zeros(geo.o, dtype=geo.dtype)
+        for images in geo.blocks():
+            _block_weight_grad(geo, x[images], g[images], gw, gsum)
+        gw.addcmul_(geo.weight_rows(w), gsum[:, None], value=-1)
+    else:
+        raise ValueError(f"weight gradient rule {rule!r} is not full or sign")
     gw = gw.view(geo.o, geo.kh, geo.kw, geo.c).permute(0, 3, 1, 2)
     return gw.to(w.dtype, memory_format=torch.contiguous_format)
 
 
-def grad_input(g, x, w, stride, padding):
-    """``dX_col[p,k] = sum_o g[p,o] clamp(W[o,k] - X[p,k], -1, 1)``, folded back (col2im)."""
+def grad_input(g, x, w, stride, padding, rule="hardtanh"):
+    """``dX_col[p,k] = sum_o g[p,o] rule(W[o,k] - X[p,k])``, folded back (col2im); the rule
+    is one of INPUT_RULES, the paper's ``clamp(., -1, 1)`` by default."""
+    if rule not in INPUT_RULES:
+        raise ValueError(f"input gradient rule {rule!r} is not one of {', '.join(INPUT_RULES)}")
     geo = _Geometry(x, w, stride, padding)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     w2 = geo.weight_rows(w)
     buf = geo.chunk_buffer(x)
     for images in geo.blocks():
-        gx[images].copy_(geo.fold(_block_patch_grads(geo, x[images], g[images], w2, buf)))
+        gx[images].copy_(geo.fold(_block_patch_grads(geo, x[images], g[images], w2, buf, rule)))
     return gx

@@ -55,7 +55,15 @@ def forward(x, w, stride, padding):
     return y.view(o, n, oh, ow).transpose(0, 1).to(x.dtype, memory_format=torch.contiguous_format)
 
 
-def grad_weight(g, x, w, stride, padding):
+def _release_rule(rule, release):
+    if rule != release:
+        raise ValueError(
+            f"the unfold baseline has the release's rule {release!r} only, not {rule!r}"
+        )
+
+
+def grad_weight(g, x, w, stride, padding, rule="full"):
+    _release_rule(rule, "full")
     cols, w2 = _operands(x, w, stride, padding)
     gc = _grad_columns(g, cols.dtype)
     gw = ((cols[None] - w2[:, :, None]) * gc[:, None]).sum(2)
@@ -63,7 +71,8 @@ def grad_weight(g, x, w, stride, padding):
     return gw.view_as(w).to(w.dtype)
 
 
-def grad_input(g, x, w, stride, padding):
+def grad_input(g, x, w, stride, padding, rule="hardtanh"):
+    _release_rule(rule, "hardtanh")
     n, c, h, wd = x.shape
     cols, w2 = _operands(x, w, stride, padding)
     gc = _grad_columns(g, cols.dtype)

@@ -27,7 +27,8 @@ def check_device(t: torch.Tensor) -> None:
     if t.device.type != "cuda" and not INTERPRET:
         raise UserError(
             f"the triton adder kernels got a tensor on {t.device}; they need a CUDA device, "
-            "or TRITON_INTERPRET=1 set before import to run on the CPU (slow, for tests)")
+            "or TRITON_INTERPRET=1 set before import to run on the CPU (slow, for tests)"
+        )
 
 
 def check_args(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int) -> tuple[int, int]:
@@ -49,13 +50,17 @@ def check_args(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int) -> t
     oh = (x.shape[2] + 2 * padding - k) // stride + 1
     ow = (x.shape[3] + 2 * padding - k) // stride + 1
     if oh < 1 or ow < 1:
-        raise ValueError(f"a {k}x{k} kernel does not fit a {x.shape[2]}x{x.shape[3]} input "
-                         f"with padding {padding}")
+        raise ValueError(
+            f"a {k}x{k} kernel does not fit a {x.shape[2]}x{x.shape[3]} input "
+            f"with padding {padding}"
+        )
     n, o, c = x.shape[0], w.shape[0], w.shape[1]
     padded_table = w.numel() + COLUMN_PAD * k * k * max(o, c)
     if max(x.numel(), n * o * oh * ow, padded_table) > MAX_ELEMENTS:
-        raise ValueError("adder kernels use int32 offsets: split the batch so every tensor "
-                         "has fewer than 2**31 elements")
+        raise ValueError(
+            "adder kernels use int32 offsets: split the batch so every tensor "
+            "has fewer than 2**31 elements"
+        )
     return oh, ow
 
 
@@ -73,10 +78,14 @@ def output(shape, like: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | No
     kernel fails to write then shows up.
     """
     if out is None:
-        return torch.empty(shape, device=like.device, dtype=dtype, memory_format=memory_format_of(like))
+        return torch.empty(
+            shape, device=like.device, dtype=dtype, memory_format=memory_format_of(like)
+        )
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != like.device:
-        raise ValueError(f"out must be {tuple(shape)} {dtype} on {like.device}, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+        raise ValueError(
+            f"out must be {tuple(shape)} {dtype} on {like.device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
     return out
 
 
@@ -99,8 +108,14 @@ def tile_configs(shapes: list[tuple], small: tuple) -> list[triton.Config]:
         assert all(s[2] * s[3] == 32 * s[5] and s[1] * s[3] <= COLUMN_PAD for s in shapes)
     configs = []
     for tm, tn, gm, gn, bk, warps, *cap in [small] if INTERPRET else shapes:
-        configs.append(triton.Config(dict(TM=tm, TN=tn, GM=gm, GN=gn, BK=bk), num_warps=warps,
-                                     num_stages=1, maxnreg=cap[0] if cap else None))
+        configs.append(
+            triton.Config(
+                dict(TM=tm, TN=tn, GM=gm, GN=gn, BK=bk),
+                num_warps=warps,
+                num_stages=1,
+                maxnreg=cap[0] if cap else None,
+            )
+        )
     return configs
 
 
@@ -119,10 +134,13 @@ def autotune(tiles: list[tuple], small: tuple, columns_arg: str):
     timings go to Triton's cache directory beside the compiled kernels, so another process
     on the node (the next rank, the next launch) takes the chosen config without timing
     again (addertrain/warmup.py); the interpreter caches nothing."""
-    return triton.autotune(configs=tile_configs(tiles, small),
-                           key=["N", "C", "H", "W", "O", "KH", "STRIDE", "PAD"],
-                           prune_configs_by={"early_config_prune": column_waste_pruner(columns_arg)},
-                           do_bench=_quick_bench, cache_results=True)
+    return triton.autotune(
+        configs=tile_configs(tiles, small),
+        key=["N", "C", "H", "W", "O", "KH", "STRIDE", "PAD"],
+        prune_configs_by={"early_config_prune": column_waste_pruner(columns_arg)},
+        do_bench=_quick_bench,
+        cache_results=True,
+    )
 
 
 def column_waste_pruner(columns_arg: str):
@@ -132,6 +150,7 @@ def column_waste_pruner(columns_arg: str):
     shape (e.g. 128-wide tiles on C_out = 64) is not timed, unless no config does better;
     this also halves the configs compiled and timed per shape.
     """
+
     def waste(config, n):
         width = config.kwargs["TN"] * config.kwargs["GN"]
         return 1 - n / (-(-n // width) * width)
@@ -142,7 +161,6 @@ def column_waste_pruner(columns_arg: str):
         return [c for c in configs if waste(c, n) <= limit]
 
     return prune
-
 
 
 @triton.jit
@@ -162,5 +180,8 @@ def load_flat(ptrs):
 def store_flat(ptrs, values, mask):
     """``tl.store`` through a 1-D view, for the reason given in ``load_flat``: a 3-D store
     with unprovable contiguity would otherwise pull the accumulator into its layout."""
-    tl.store(tl.reshape(ptrs, [ptrs.numel]), tl.reshape(values, [ptrs.numel]),
-             mask=tl.reshape(mask, [ptrs.numel]))
+    tl.store(
+        tl.reshape(ptrs, [ptrs.numel]),
+        tl.reshape(values, [ptrs.numel]),
+        mask=tl.reshape(mask, [ptrs.numel]),
+    )
