@@ -111,7 +111,7 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 
 def trial_name(values: dict[str, str]) -> str:
     """Only the swept keys name a trial (``optim.lr-0.1_adder.grad-sign``)."""
-    swept = {k: v for k, v in values.items()} or {"base": "recipe"}
+    swept = values or {"base": "recipe"}
     return "_".join(
         re.sub(r"[^A-Za-z0-9.+-]+", "-", f"{k}-{v}").strip("-") for k, v in swept.items()
     )
@@ -151,16 +151,20 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _outcome(run_dir: Path) -> dict:
+def _evals(run_dir: Path) -> list[dict]:
     from addertrain.metrics import read_records
 
+    metrics = run_dir / "metrics.jsonl"
+    return [r for r in read_records(metrics) if r["kind"] == "eval"] if metrics.is_file() else []
+
+
+def _outcome(run_dir: Path) -> dict:
     result = (
         json.loads((run_dir / "result.json").read_text())
         if (run_dir / "result.json").is_file()
         else {}
     )
-    metrics = run_dir / "metrics.jsonl"
-    evals = [r for r in read_records(metrics) if r["kind"] == "eval"] if metrics.is_file() else []
+    evals = _evals(run_dir)
     final = (result.get("eval") or {}).get("top1")
     return {
         "status": result.get("status", "not run"),
@@ -176,12 +180,11 @@ def run_trial(config: dict) -> None:
     to Tune as it appears in the run's metrics."""
     from ray import tune
 
-    from addertrain.metrics import read_records
-
     t = Trial(**config["trial"])
     run_dir = Path(t.run_dir)
-    if _outcome(run_dir)["status"] == "completed":  # finished in an earlier sweep
-        tune.report(_outcome(run_dir))
+    earlier = _outcome(run_dir)
+    if earlier["status"] == "completed":  # finished in an earlier sweep
+        tune.report(earlier)
         return
     command = [
         sys.executable,
@@ -206,15 +209,15 @@ def run_trial(config: dict) -> None:
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
         )
-        reported = 0
+        reported, size = 0, -1
         while proc.poll() is None:
             time.sleep(1.0)
             metrics = run_dir / "metrics.jsonl"
-            evals = (
-                [r for r in read_records(metrics) if r["kind"] == "eval"]
-                if metrics.is_file()
-                else []
-            )
+            # a long run's metrics grow to megabytes: read them again only when they grew
+            if not metrics.is_file() or metrics.stat().st_size == size:
+                continue
+            size = metrics.stat().st_size
+            evals = _evals(run_dir)
             for r in evals[reported:]:
                 tune.report({"step": r["step"], "top1": r["top1"], "status": "running"})
             reported = len(evals)

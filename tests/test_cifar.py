@@ -6,8 +6,6 @@ import json
 import os
 import pickle
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from addertrain.config import DataConfig
 from addertrain.data import cifar
 from addertrain.data.dali import build_array_loader
 from addertrain.errors import UserError
+from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -237,16 +236,6 @@ def test_two_shards_read_each_sample_once_and_resume_mid_epoch(c10):
         )
         seen += [(x, y, v) for x, y, v in [first, *rest]]
     assert sum(v for _, _, v in seen) == 5 * PER_BATCH
-
-
-def cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "addertrain.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_data_check_reports_a_cifar_folder_and_refuses_a_bad_one(c10, tmp_path):

@@ -4,7 +4,6 @@
 import gzip
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from addertrain.data.dali import build_array_loader
 from addertrain.errors import UserError
 from addertrain.models import adder_layers, create_model
 from addertrain.nn import AdderConv2d
+from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,16 +122,6 @@ def test_lenet5_bn(conv):
         assert layers == [] and not any(isinstance(m, AdderConv2d) for m in model.modules())
     with pytest.raises(ValueError, match="data.image_size=32"):
         model(torch.randn(2, 1, 28, 28))
-
-
-def cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "addertrain.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_a_few_training_steps_on_idx_files(tmp_path):

@@ -15,6 +15,7 @@ import yaml
 from addertrain import opcount, report
 from addertrain.cli import main
 from addertrain.metrics import MetricsLog, read_records
+from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -193,31 +194,17 @@ TINY = [
 
 
 def test_report_reads_a_real_run(tmp_path):
-    launched = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "addertrain.cli",
-            "launch",
-            "recipes/synthetic_tiny.yaml",
-            *TINY,
-            f"run.dir={tmp_path}",
-            "run.name=real",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    launched = cli(
+        "launch",
+        "recipes/synthetic_tiny.yaml",
+        *TINY,
+        f"run.dir={tmp_path}",
+        "run.name=real",
         timeout=600,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     run_dir = tmp_path / "real"
-    out = subprocess.run(
-        [sys.executable, "-m", "addertrain.cli", "report", str(run_dir), "--out", "real.png"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = cli("report", run_dir, "--out", "real.png", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "real.png").read_bytes().startswith(PNG_MAGIC)
     result = json.loads((run_dir / "result.json").read_text())

@@ -2,11 +2,9 @@
 to the same weights and losses as an uninterrupted one (fp32, CPU, deterministic)."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from safetensors.torch import load_file
 from addertrain import checkpoint
 from addertrain.errors import UserError
 from addertrain.metrics import read_records
+from conftest import cli, cli_command
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/synthetic_tiny.yaml"
@@ -36,24 +35,13 @@ TINY = [
 KILL_AFTER = 12  # between the checkpoints of steps 10 and 15
 
 
-def command(*args):
-    return [sys.executable, "-m", "addertrain.cli", *args]
-
-
 def launch(*args, env=None, timeout=300):
-    return subprocess.run(
-        command("launch", *args),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    return cli("launch", *args, env=env, timeout=timeout)
 
 
 def start(*args):
     return subprocess.Popen(
-        command("launch", *args),
+        cli_command("launch", *args),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -186,7 +174,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(runs, reference):
 
 def test_export_and_eval_of_a_checkpoint(reference, tmp_path):
     out = subprocess.run(
-        command("export", str(reference), str(tmp_path / "export")),
+        cli_command("export", str(reference), str(tmp_path / "export")),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -201,7 +189,7 @@ def test_export_and_eval_of_a_checkpoint(reference, tmp_path):
     top1 = json.loads((reference / "result.json").read_text())["eval"]["top1"]
     for path in (tmp_path / "export", reference / "checkpoints" / "step00000016"):
         out = subprocess.run(
-            command(
+            cli_command(
                 "eval", str(path), "--data", "synthetic", "--json", str(tmp_path / "eval.json")
             ),
             cwd=ROOT,

@@ -1,8 +1,6 @@
 """addertrain sweep: a grid of ordinary runs as Ray Tune trials on one cluster."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,19 +9,14 @@ import yaml
 from addertrain import sweep
 from addertrain.errors import UserError
 from addertrain.metrics import read_records
+from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "synthetic_tiny.yaml")
 
 
 def run_sweep(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "addertrain.cli", "sweep", RECIPE, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return cli("sweep", RECIPE, *args, cwd=cwd, timeout=600)
 
 
 def test_split_values_keeps_lists_whole():

@@ -15,27 +15,14 @@ from safetensors.torch import load_file
 from addertrain import config, smoke
 from addertrain.metrics import read_records
 from addertrain.models import create_model
+from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def assert_reported_equals_export(run_dir: Path) -> None:
     """The evaluation a run reported is that of the model it saved, re-evaluated alone."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "addertrain.cli",
-            "eval",
-            str(run_dir / "final"),
-            "--json",
-            str(run_dir / "eval.json"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = cli("eval", run_dir / "final", "--json", run_dir / "eval.json")
     assert out.returncode == 0, out.stderr[-3000:]
     reported = json.loads((run_dir / "result.json").read_text())["eval"]
     evaluated = json.loads((run_dir / "eval.json").read_text())

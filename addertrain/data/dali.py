@@ -41,11 +41,6 @@ def dali_device_id(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def pixel_mean_std(d: DataConfig) -> tuple[list[float], list[float]]:
-    """``data.mean`` / ``data.std`` of the used channels, on the 0-255 pixel scale."""
-    return [255 * m for m in d.mean[: d.channels]], [255 * s for s in d.std[: d.channels]]
-
-
 def pad_for_crop(images, size: int, pad: int):
     """``images`` zero-padded to (size + 2 pad) squared, and the random position of a size x
     size window in it: one of the (2 pad + 1)^2 pixel offsets, each equally likely."""
@@ -57,6 +52,27 @@ def pad_for_crop(images, size: int, pad: int):
     # k / (2 pad) puts the window's corner exactly on pixel k of the padded image
     positions = [k / (2 * pad) for k in range(2 * pad + 1)]
     return images, fn.random.uniform(values=positions), fn.random.uniform(values=positions)
+
+
+def flip_and_normalize(images, d: DataConfig, training: bool, crop, pos_x, pos_y):
+    """The last step of every image pipeline: the crop window (if any), a random horizontal
+    flip when training with ``data.flip``, ``data.mean``/``data.std``, CHW floats."""
+    from nvidia.dali import fn, types
+
+    # the used channels' statistics, on the 0-255 pixel scale
+    mean, std = [255 * m for m in d.mean[: d.channels]], [255 * s for s in d.std[: d.channels]]
+    mirror = fn.random.coin_flip(probability=0.5) if training and d.flip else 0
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        crop=crop,
+        crop_pos_x=pos_x,
+        crop_pos_y=pos_y,
+        mean=mean,
+        std=std,
+        mirror=mirror,
+    )
 
 
 def build_pipeline(
@@ -78,7 +94,6 @@ def build_pipeline(
             f"data.channels is {d.channels}; the image pipelines produce 1 (gray) or 3 (RGB)"
         )
     color = types.RGB if d.channels == 3 else types.GRAY
-    mean, std = pixel_mean_std(d)
     size = d.image_size
 
     @pipeline_def(
@@ -113,19 +128,7 @@ def build_pipeline(
                 images, pos_x, pos_y = pad_for_crop(images, size, d.pad_crop)
             elif training:
                 pos_x, pos_y = fn.random.uniform(range=(0, 1)), fn.random.uniform(range=(0, 1))
-        mirror = fn.random.coin_flip(probability=0.5) if training and d.flip else 0
-        images = fn.crop_mirror_normalize(
-            images,
-            dtype=types.FLOAT,
-            output_layout="CHW",
-            crop=crop,
-            crop_pos_x=pos_x,
-            crop_pos_y=pos_y,
-            mean=mean,
-            std=std,
-            mirror=mirror,
-        )
-        return images, label
+        return flip_and_normalize(images, d, training, crop, pos_x, pos_y), label
 
     return graph(checkpoint=checkpoint)
 
@@ -335,12 +338,11 @@ def build_array_pipeline(
     """Decoded uint8 images (N x H x W x C) fed to DALI from memory: no file reading or
     decoding, so nothing is re-encoded. Images not image_size square are resized to it;
     training pads and crops (``data.pad_crop``) and flips (``data.flip``)."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
 
     gpu = device.type == "cuda"
     device_id = dali_device_id(device)
     size, pad = d.image_size, d.pad_crop if training else 0
-    mean, std = pixel_mean_std(d)
     steps = len(indices) // batch
 
     def source(info):
@@ -370,19 +372,7 @@ def build_array_pipeline(
         if pad:
             image, pos_x, pos_y = pad_for_crop(image, size, pad)
             crop = (size, size)
-        mirror = fn.random.coin_flip(probability=0.5) if training and d.flip else 0
-        image = fn.crop_mirror_normalize(
-            image,
-            dtype=types.FLOAT,
-            output_layout="CHW",
-            crop=crop,
-            crop_pos_x=pos_x,
-            crop_pos_y=pos_y,
-            mean=mean,
-            std=std,
-            mirror=mirror,
-        )
-        return image, label
+        return flip_and_normalize(image, d, training, crop, pos_x, pos_y), label
 
     return graph(checkpoint=checkpoint)
 

@@ -2,8 +2,7 @@ from functools import partial
 
 from addertrain.config import ARCHS
 from addertrain.models.lenet import create_lenet
-from addertrain.models.resnet import adder_layers
-from addertrain.models.resnet import create_model as create_resnet
+from addertrain.models.resnet import adder_layers, create_resnet
 
 # arch -> (classes, image size, channels) of the data it was built for (`addertrain ops` defaults)
 INPUTS = {

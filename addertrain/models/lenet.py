@@ -58,14 +58,15 @@ class LeNet5(nn.Module):
 
 
 def create_lenet(
-    conv: str = "adder",
-    num_classes: int = 10,
-    head: str = "auto",
-    backend: str = "auto",
-    bn_momentum: float = 0.1,
-    in_channels: int = 1,
+    conv: str,
+    num_classes: int,
+    head: str,
+    backend: str,
+    bn_momentum: float,
+    in_channels: int,
     **rules,
 ) -> LeNet5:
+    """LeNet-5-BN; the arguments are ``models.create_model``'s."""
     if head == "auto":
         head = "bn" if conv == "adder" else "linear"
     return LeNet5(

@@ -117,18 +117,17 @@ ARCHS = {
 }
 
 
-def create_model(
+def create_resnet(
     arch: str,
-    conv: str = "adder",
-    num_classes: int = 1000,
-    head: str = "auto",
-    backend: str = "auto",
-    bn_momentum: float = 0.1,
-    in_channels: int = 3,
+    conv: str,
+    num_classes: int,
+    head: str,
+    backend: str,
+    bn_momentum: float,
+    in_channels: int,
     **rules,
 ) -> ResNet:
-    """Build ``arch`` with adder (the paper's AdderNet) or ordinary convolutions; ``rules``
-    (``grad``, ``input_grad``) choose the adder layers' backward (AdderConv2d)."""
+    """``arch`` of the table above; the arguments are ``models.create_model``'s."""
     if arch not in ARCHS:
         raise ValueError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
     block, layers, widths, imagenet = ARCHS[arch]
