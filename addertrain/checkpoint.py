@@ -298,23 +298,14 @@ def verify(path: Path) -> dict:
 
 
 def check_world(meta: dict, path: Path, world_size: int, recipe: dict) -> None:
-    """A different number of workers works for replicated state (ZeRO 0) over data whose
-    position is global (synthetic); sharded states and sharded folder positions are refused."""
-    saved = meta["world_size"]
-    if saved == world_size:
-        return
-    why = None
-    if recipe["distributed"]["zero_stage"]:
-        why = (
-            f"its ZeRO stage {recipe['distributed']['zero_stage']} optimizer state is sharded "
-            "per worker"
-        )
-    elif recipe["data"]["source"] != "synthetic":
-        why = "its data position is a per-worker DALI reader position"
-    if why:
+    """A different number of workers works for replicated state (ZeRO 0): the data position
+    follows from the step (data/sharding.py). A sharded optimizer state is refused."""
+    saved, stage = meta["world_size"], recipe["distributed"]["zero_stage"]
+    if saved != world_size and stage:
         raise UserError(
             f"checkpoint {path} was written by {saved} worker(s) and this run has "
-            f"{world_size}, but {why}; resume with distributed.workers={saved}"
+            f"{world_size}, but its ZeRO stage {stage} optimizer state is sharded per worker; "
+            f"resume with distributed.workers={saved}"
         )
 
 
@@ -587,8 +578,9 @@ class Checkpointer:
                 f"keep_best={c.keep_best})"
             )
 
-    def load(self, path: Path) -> dict:
-        """Restore the engine and this rank's parts from ``path``; returns its metadata."""
+    def load(self, path: Path, skip: tuple[str, ...] = ()) -> dict:
+        """Restore the engine and this rank's parts but ``skip`` from ``path``; returns its
+        metadata."""
         meta = verify(path)  # here too: this process may not be the one that checked it at launch
         recipe = self.cfg.to_dict()
         check_world(meta, path, self.world.world_size, recipe)
@@ -609,7 +601,8 @@ class Checkpointer:
         own = path / f"rank{min(self.world.rank, meta['world_size'] - 1)}.json"
         state = json.loads(own.read_text())
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            if name not in skip:
+                part.load_state_dict(state[name])
         best = meta.get("best_top1", meta.get("top1"))  # checkpoints before best_top1 existed
         self.best_top1 = best if type(best) in (int, float) else None
         return meta

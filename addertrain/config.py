@@ -189,6 +189,10 @@ class DistributedConfig(Section):
     zero_stage: Literal[0, 1, 2] = 0
     ray_address: str | None = None
     max_failures: int = Field(0, ge=0)
+    # Train on as few as min_workers when the others are lost (or missing at the start),
+    # keeping the global batch by gradient accumulation: Ray executor, ZeRO 0 (docs/multinode.md)
+    elastic: bool = False
+    min_workers: int = Field(1, ge=1)
 
     @field_validator("zero_stage", mode="before")
     @classmethod
@@ -199,6 +203,13 @@ class DistributedConfig(Section):
                 "next to their activations, so stage 3 saves little; use 0, 1 or 2"
             )
         return stage
+
+
+class EvalConfig(Section):
+    # Re-estimate BatchNorm statistics from this many training micro-batches per worker
+    # before each evaluation (0: off). The evaluation and the final export use them; training
+    # and checkpoints keep the running statistics (docs/training.md, "Evaluation").
+    bn_recalibration_batches: int = Field(0, ge=0)
 
 
 class CheckpointConfig(Section):
@@ -238,6 +249,7 @@ class Config(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     adder: AdderConfig = AdderConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     distributed: DistributedConfig = DistributedConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -256,6 +268,7 @@ class Config(Section):
                 f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch x "
                 f"distributed.workers ({t.micro_batch} x {self.distributed.workers})"
             )
+        self._check_elastic()
         if t.precision == "bf16" and self.distributed.zero_stage != 1:
             raise ValueError(
                 f"train.precision=bf16 needs distributed.zero_stage=1 (got "
@@ -269,6 +282,34 @@ class Config(Section):
                 f"map they leave), not {self.data.image_size}; set data.image_size=32"
             )
         return self
+
+    def _check_elastic(self) -> None:
+        d, t = self.distributed, self.train
+        if not d.elastic:
+            return
+        if d.executor != "ray":
+            raise ValueError("distributed.elastic needs distributed.executor=ray")
+        if d.zero_stage:
+            raise ValueError(
+                f"distributed.elastic needs distributed.zero_stage=0: a ZeRO {d.zero_stage} "
+                "optimizer state is sharded per worker and cannot move to fewer of them"
+            )
+        if d.min_workers > d.workers:
+            raise ValueError(
+                f"distributed.min_workers ({d.min_workers}) is more than distributed.workers "
+                f"({d.workers})"
+            )
+        bad = [
+            w for w in range(d.min_workers, d.workers + 1) if t.global_batch % (t.micro_batch * w)
+        ]
+        if bad:
+            raise ValueError(
+                f"with distributed.elastic the global batch must split over every number of "
+                f"workers from {d.min_workers} to {d.workers}, but train.global_batch="
+                f"{t.global_batch} with train.micro_batch={t.micro_batch} does not over "
+                f"{', '.join(map(str, bad))}; raise distributed.min_workers or choose a global "
+                "batch those numbers divide"
+            )
 
     def batch_split(self, world_size: int) -> tuple[int, int]:
         """(micro batch per worker, gradient accumulation steps) over ``world_size`` workers,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 from addertrain.alr import once_per_step
 from addertrain.config import Config
+from addertrain.console import LOG
 
 
 def zero_config(stage: int) -> dict:
@@ -47,11 +51,17 @@ def initialize(cfg: Config, model, optimizer, world_size: int):
     itself, so that a step DeepSpeed skips (fp16 overflow) cannot shift the schedule."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        config=deepspeed_config(cfg, world_size),
-        dist_init_required=False,
-    )
+    # DeepSpeed prints (rather than logs) on every CPU rank that it built its shared-memory
+    # communication op: a debug line here (launch -v). Its log records are not affected.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=deepspeed_config(cfg, world_size),
+            dist_init_required=False,
+        )
+    for line in printed.getvalue().splitlines():
+        LOG.debug(f"deepspeed: {line}")
     once_per_step(engine.optimizer, optimizer)
     return engine

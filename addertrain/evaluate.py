@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 HELP = "evaluate an export or a checkpoint on a dataset and print top-1/top-5"
 
@@ -52,8 +53,8 @@ def add_arguments(p) -> None:
     )
     p.add_argument(
         "--data",
-        help="dataset root in ImageNet layout, or 'synthetic' for the generated "
-        "data; default: the dataset of the model's recipe",
+        help="dataset root (ImageNet layout, CIFAR python batches or MNIST IDX files), or "
+        "'synthetic' for the generated data; default: the dataset of the model's recipe",
     )
     p.add_argument(
         "--split", help="split folder to evaluate (default: the recipe's data.val_split)"
@@ -70,16 +71,25 @@ def run(args) -> int:
     from addertrain.data.prepare import prepare_data
     from addertrain.errors import UserError
     from addertrain.metrics import eval_line
-    from addertrain.model_io import load_model
+    from addertrain.model_io import WEIGHTS, load_model
 
     if args.batch < 1:
         raise UserError(f"--batch {args.batch}: give a positive batch size")
     model, cfg = load_model(args.path)
+    if cfg.eval.bn_recalibration_batches and not (Path(args.path) / WEIGHTS).is_file():
+        print(
+            f"note: a checkpoint holds the training BatchNorm statistics; its run evaluated with "
+            f"statistics re-estimated from {cfg.eval.bn_recalibration_batches} training batches "
+            "(eval.bn_recalibration_batches), as its final export holds them"
+        )
     tree = cfg.to_dict()
     if args.data == "synthetic":
         tree["data"]["source"] = "synthetic"
     elif args.data:
-        tree["data"].update(source="folder", root=args.data, prepare=None)
+        from addertrain.data.check import array_source
+
+        source = array_source(args.data) or "folder"
+        tree["data"].update(source=source, root=args.data, prepare=None)
     if args.split:
         tree["data"]["val_split"] = args.split
     cfg = config.from_dict(tree, "the evaluation settings")
@@ -89,7 +99,7 @@ def run(args) -> int:
     result = eval_summary(
         eval_sums(model.to(device), loader, torch.float32, device), cfg.model.num_classes
     )
-    source = cfg.data.root if cfg.data.source == "folder" else "synthetic data"
+    source = "synthetic data" if cfg.data.source == "synthetic" else cfg.data.root
     print(
         f"{args.path} on {source} ({cfg.data.val_split}, {result['samples']} images): "
         f"{eval_line(result)}"

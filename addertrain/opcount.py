@@ -9,8 +9,9 @@ Counting conventions (the AdderNet paper's tables, Chen et al., CVPR 2020, arXiv
   absolute value only clears a sign bit), and accumulating it is an addition. An AdderNet thus
   performs as many operations as its CNN twin, the multiplications of its adder layers having
   become additions (the authors' own statement, huawei-noah/AdderNet issue #38).
-- The stem convolution and the classifier keep their multiplications in the AdderNet, as in
-  the paper and its release (huawei-noah/AdderNet issue #60).
+- The ResNets' stem convolution and classifier keep their multiplications in the AdderNet, as
+  in the paper and its release (huawei-noah/AdderNet issue #60); LeNet-5-BN's AdderNet has
+  none (section 4.1). The table says which layers multiply.
 - BatchNorm, ReLU, pooling and the residual additions are not counted: the paper leaves them
   out as much cheaper than the convolutions.
 
@@ -209,6 +210,14 @@ def resolve(
     )
 
 
+def multiplying(adder: list[Layer]) -> str:
+    """Which layers of the AdderNet still multiply, in words."""
+    kept = [layer.name for layer in adder if layer.kind != "adder"]
+    if not kept:
+        return "every layer of this AdderNet is an adder layer"
+    return f"the AdderNet keeps multiplications in {', '.join(kept)}"
+
+
 def table(spec: ModelSpec) -> str:
     """Per layer and in total, the CNN twin's and the AdderNet's operations and energy."""
     adder, cnn = layers(spec, "adder"), layers(spec, "conv")
@@ -253,10 +262,9 @@ def table(spec: ModelSpec) -> str:
         f"({tc.energy_pj / ta.energy_pj:.1f}x less)",
         "",
         "Conventions: a conv/FC multiply-accumulate = 1 mul + 1 add; an adder term |x - w| = "
-        "2 adds (subtract, accumulate); the AdderNet keeps the stem conv and the classifier as "
-        "multiplications; BatchNorm, ReLU, pooling and residual additions are not counted (as in "
-        "the paper). Energy: arithmetic only, 45 nm FP32, add 0.9 pJ, mul 3.7 pJ (Horowitz, "
-        "ISSCC 2014).",
+        f"2 adds (subtract, accumulate); {multiplying(adder)}; BatchNorm, ReLU, pooling and "
+        "residual additions are not counted (as in the paper). Energy: arithmetic only, 45 nm "
+        "FP32, add 0.9 pJ, mul 3.7 pJ (Horowitz, ISSCC 2014).",
     ]
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import random
 import resource
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from addertrain import distill, distributed
 from addertrain import engine as ds_engine
 from addertrain.alr import AdderSGD, param_groups
-from addertrain.checkpoint import Checkpointer, RNGState
+from addertrain.checkpoint import Checkpointer, RNGState, read_meta
 from addertrain.config import Config
 from addertrain.console import LOG
 from addertrain.data import build_loader
@@ -22,7 +24,7 @@ from addertrain.errors import UserError
 from addertrain.evaluate import eval_summary, eval_sums
 from addertrain.metrics import MetricsLog, Progress, eval_line, plot
 from addertrain.model_io import create_model_from_config, write_model
-from addertrain.nn import average_running_stats
+from addertrain.nn import average_running_stats, reestimated
 from addertrain.schedule import build_schedule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,6 +58,15 @@ class Trainer:
         self.val_data = build_loader(
             cfg, "val", micro, world.rank, world.world_size, world.device, index_dir=self.run_dir
         )
+        # Its own loader, so that re-estimating BatchNorm never moves the training data.
+        self.recal_data = (
+            build_loader(
+                cfg, "train", micro, world.rank, world.world_size, world.device, self.run_dir
+            )
+            if cfg.eval.bn_recalibration_batches
+            else None
+        )
+        self.eval_norm_stats: dict = {}  # the statistics the last evaluation used, if its own
         self.steps_per_epoch = self.train_data.steps_per_epoch // self.accum
         if self.steps_per_epoch == 0:
             raise UserError(
@@ -135,12 +146,28 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------
     def evaluate(self) -> dict:
-        self.engine.eval()
-        sums = eval_sums(self.engine, self.val_data, self.dtype, self.world.device)
-        self.engine.train()
+        with self._norm_stats() as self.eval_norm_stats:
+            self.engine.eval()
+            sums = eval_sums(self.engine, self.val_data, self.dtype, self.world.device)
+            self.engine.train()
         if self.world.world_size > 1:
             dist.all_reduce(sums)
-        return eval_summary(sums, self.cfg.model.num_classes)
+        result = eval_summary(sums, self.cfg.model.num_classes)
+        if self.recal_data is not None:
+            result["bn_recalibration_batches"] = self.cfg.eval.bn_recalibration_batches
+        return result
+
+    def _norm_stats(self):
+        """The BatchNorm statistics to evaluate with: the running ones, or (with
+        eval.bn_recalibration_batches) ones re-estimated for this evaluation alone."""
+        if self.recal_data is None:
+            return contextlib.nullcontext({})
+        # An epoch of its own per step: the batches depend on the step alone, so a resumed run
+        # re-estimates as the uninterrupted one did (steps only grow, so set_epoch restarts).
+        self.recal_data.set_epoch(self.step)
+        n = min(self.cfg.eval.bn_recalibration_batches, self.recal_data.steps_per_epoch)
+        images = (x.to(self.dtype) for x, _, _ in itertools.islice(self.recal_data, n))
+        return reestimated(self.engine.module, images)
 
     # -- state (one part of every checkpoint) ---------------------------------
     def state_dict(self) -> dict:
@@ -154,12 +181,15 @@ class Trainer:
         )
 
     def resume(self, path: Path) -> None:
-        meta = self.checkpointer.load(path)
+        # On another number of workers (replicated state, checkpoint.check_world) the saved
+        # data positions are of another layout; the order puts each optimizer step's samples
+        # at the same place for any split of the global batch (data/sharding.py), so the
+        # position follows from the step alone.
+        resized = read_meta(path)["world_size"] != self.world.world_size
+        self.checkpointer.load(path, skip=("train_data",) if resized else ())
         epoch, into = divmod(self.step, self.steps_per_epoch)
-        if meta["world_size"] != self.world.world_size:
-            # Replicated state over a global data order (checkpoint.check_world): the data
-            # position follows from the step alone, counted in this run's micro-batches.
-            self.train_data.load_state_dict({"epoch": epoch, "step": into * self.accum})
+        if resized:
+            self.train_data.seek(epoch, into * self.accum)
         if into == 0:  # the checkpoint ended an epoch (the loader may hold a ragged tail of it)
             self.train_data.set_epoch(epoch)
         self._teacher_since = (self.step, 0.0)
@@ -272,11 +302,16 @@ class Trainer:
         }
 
     def save_final(self) -> Path | None:
-        """The trained model alone (safetensors) and its config, for eval or fine-tuning."""
+        """The trained model alone (safetensors) and its config, for eval or fine-tuning: the
+        model the final evaluation measured, with its re-estimated BatchNorm statistics if any."""
+        stats = self.eval_norm_stats
+        if self.recal_data is not None and not stats:  # resumed after the final checkpoint
+            with self._norm_stats() as stats:
+                pass
         if not self.world.is_main:
             return None
         out = write_model(
-            self.engine.module.state_dict(), self.cfg.to_dict(), self.run_dir / "final"
+            {**self.engine.module.state_dict(), **stats}, self.cfg.to_dict(), self.run_dir / "final"
         )
         if self.cfg.logging.plots:
             plot(self.log.read(), self.run_dir / "metrics.png")

@@ -59,7 +59,13 @@ def layer_shapes(cfg: Config) -> list:
     (``addertrain.models.shapes.Layer``: N, C, H, W, O, k, stride, padding and a count)."""
     from addertrain.models.shapes import adder_layer_shapes
 
-    return adder_layer_shapes(cfg.model.arch, cfg.train.micro_batch, cfg.data.image_size)
+    return adder_layer_shapes(
+        cfg.model.arch,
+        cfg.train.micro_batch,
+        cfg.data.image_size,
+        cfg.data.channels,
+        cfg.model.num_classes,
+    )
 
 
 def nothing_to_compile(cfg: Config) -> str | None:

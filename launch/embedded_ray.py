@@ -27,14 +27,17 @@ PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group
 
 
 def worker_setup() -> None:
-    """Runs in every Ray worker process of the cluster before its first task."""
+    """Runs in every Ray worker process of a run's job (embedded cluster or ``--address``)
+    before its first task."""
     import ray
 
     # This worker's own cluster is the one any Ray lookup finds.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    # Ray Train's placement-group cleaner asks the state API, which needs the dashboard
-    # (not part of ray[train]), every second whether the controller lives, and warns each
-    # time it cannot; ray.shutdown removes the placement groups of this cluster anyway.
+    # Ray Train's placement-group cleaner asks the state API every second whether the
+    # controller lives, and warns each time it cannot. The state API needs the dashboard,
+    # which ray[train] does not install and the embedded cluster does not start: there the
+    # cleaner can never work (and ray.shutdown removes the placement groups anyway); a cluster
+    # with the dashboard (ray[default]) answers and the cleaner works, silently.
     logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 

@@ -69,7 +69,16 @@ def cluster(address: str | None, cfg: Config):
         if address != "auto":
             _check_reachable(address)
         try:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+            from addertrain.launch.embedded_ray import worker_setup
+
+            ray.init(
+                address=address,
+                logging_level="WARNING",
+                log_to_driver=True,
+                runtime_env={
+                    "worker_process_setup_hook": f"{worker_setup.__module__}.worker_setup"
+                },
+            )
         except Exception as e:  # Ray raises several types for a refused or unauthenticated join
             raise UserError(
                 f"cannot join the Ray cluster at {address}: {type(e).__name__}: "
@@ -102,11 +111,15 @@ def machine_resources() -> dict[str, int]:
 def _check_fits(cfg: Config, have: dict, where: str) -> None:
     """Ray Train waits forever for workers it cannot place: refuse at once instead."""
     d = cfg.distributed
-    need = {"CPU": d.workers * d.cpus_per_worker, "GPU": d.workers * d.gpus_per_worker}
+    least = d.min_workers if d.elastic else d.workers
+    need = {"CPU": least * d.cpus_per_worker, "GPU": least * d.gpus_per_worker}
     for name, amount in need.items():
         if amount > have.get(name, 0) + 1e-9:
+            who = (
+                f"distributed.min_workers={least}" if d.elastic else f"distributed.workers={least}"
+            )
             raise UserError(
-                f"distributed.workers={d.workers} need {amount:g} {name} in all "
+                f"{who} need {amount:g} {name} in all "
                 f"({d.cpus_per_worker:g} CPU, {d.gpus_per_worker:g} GPU each) but {where} has "
                 f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU; lower "
                 f"distributed.workers or the per-worker resources (distributed.gpus_per_worker=0 "
@@ -192,11 +205,18 @@ def run(cfg: Config, address: str | None) -> None:
         if use_gpu:
             resources["GPU"] = d.gpus_per_worker
         token = nodes.write_token(run_dir)
+        # Ray Train's preemption watcher only logs drains of Ray nodes (a run's own stop request
+        # is the run directory's, docs/resume.md), and each start of its actor prints a
+        # core-worker error line. Ray Train hands the switch to its controller, wherever it runs.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={"cfg": cfg.to_dict(), "run_token": token},
             scaling_config=ScalingConfig(
-                num_workers=d.workers, use_gpu=use_gpu, resources_per_worker=resources
+                # elastic: as many as there are, at least min_workers (Ray Train asks for all)
+                num_workers=(d.min_workers, d.workers) if d.elastic else d.workers,
+                use_gpu=use_gpu,
+                resources_per_worker=resources,
             ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             # The run directory is the Ray experiment directory. No checkpoint is reported

@@ -3,9 +3,11 @@ code; :func:`cli` runs the command in a child process, for every test file."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,28 @@ def cli(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def preempt_while_paused(send, workers: list[int], run_dir: Path) -> None:
+    """Ask a run to stop (``send()``: a signal to the launcher, a ``scancel``) with its training
+    workers stopped until the request is in the run directory: a short run cannot finish first,
+    however late the launcher's handler runs."""
+    from addertrain import preempt
+
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        send()
+        deadline = time.monotonic() + 60
+        while not preempt.requested(run_dir):
+            assert time.monotonic() < deadline, "the stop request never reached the run directory"
+            time.sleep(0.05)
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
 
 def pytest_collection_modifyitems(config, items):

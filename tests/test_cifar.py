@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import struct
 from pathlib import Path
 
@@ -278,3 +279,10 @@ def test_a_few_training_steps_of_the_recipe(c10, tmp_path):
     assert json.loads((run / "classes.json").read_text()) == {n: i for i, n in enumerate(NAMES)}
     evaluation = json.loads((run / "result.json").read_text())["eval"]
     assert evaluation["samples"] == PER_BATCH
+    # `eval --data` reads CIFAR batches wherever they are, as the recipe's source
+    moved = shutil.copytree(root, tmp_path / "elsewhere" / "cifar-10-batches-py")
+    out = cli("eval", run / "final", "--data", moved, "--json", tmp_path / "eval.json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["data"] == str(moved) and again["samples"] == PER_BATCH
+    assert again["top1"] == evaluation["top1"]

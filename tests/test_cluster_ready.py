@@ -268,6 +268,28 @@ def test_warmup_shapes_follow_the_micro_batch_and_image_size():
     assert warmup.nothing_to_compile(cfg) == "model.conv=conv has no adder layers"
 
 
+def test_warmup_shapes_cover_every_adder_layer_of_every_recipe():
+    from addertrain.model_io import create_model_from_config
+    from addertrain.models import adder_layers
+
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        cfg = config.load(path)
+        if cfg.model.conv != "adder":
+            continue
+        shapes = warmup.layer_shapes(cfg)
+        model = create_model_from_config(cfg)
+        assert sum(layer.count for layer in shapes) == len(adder_layers(model)), path.name
+    cfg = config.load(ROOT / "recipes/mnist5k_lenet5.yaml")
+    # LeNet-5-BN: every layer an adder, the classifier too, on one gray channel
+    assert [layer.shape for layer in warmup.layer_shapes(cfg)] == [
+        (128, 1, 32, 32, 6, 5, 1, 0),
+        (128, 6, 14, 14, 16, 5, 1, 0),
+        (128, 16, 5, 5, 120, 5, 1, 0),
+        (128, 120, 1, 1, 84, 1, 1, 0),
+        (128, 84, 1, 1, 10, 1, 1, 0),
+    ]
+
+
 def test_triton_cache_is_private_and_node_local_by_default(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # what $TMPDIR sets

@@ -76,6 +76,25 @@ def test_overrides_are_typed_and_nested():
         ),
         ({"data": {"source": "folder"}}, "data.root must name the dataset folder"),
         ({"schedule": {"epochs": 2, "warmup_epochs": 3}}, "warmup_epochs must be shorter"),
+        (
+            {"distributed": {"elastic": True, "executor": "local"}},
+            "distributed.elastic needs distributed.executor=ray",
+        ),
+        (
+            {"distributed": {"elastic": True, "zero_stage": 1, "workers": 2}},
+            "distributed.elastic needs distributed.zero_stage=0",
+        ),
+        (
+            {"distributed": {"elastic": True, "min_workers": 3, "workers": 2}},
+            "distributed.min_workers (3) is more than distributed.workers (2)",
+        ),
+        (
+            {
+                "train": {"global_batch": 64, "micro_batch": 16},
+                "distributed": {"elastic": True, "workers": 4},
+            },
+            "does not over 3; raise distributed.min_workers",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tree, expected):

@@ -186,6 +186,31 @@ def test_restoring_into_a_different_layout_is_refused(ident):
         two.load_state_dict(one.state_dict())
 
 
+def test_a_resume_on_another_number_of_workers_continues_at_the_same_samples(ident):
+    def loader(shard, shards, group):
+        return build_folder_loader(
+            cfg(ident), "train", 4, shard, shards, CPU, seed=3, training=True, group=group
+        )
+
+    # a global batch of 8: 2 workers x 4, then (from the checkpoint after step 1) 1 x 4 x 2
+    two = [iter(loader(s, 2, 1)) for s in range(2)]
+    step_1 = [i for it in two for i in image_ids(*next(it), 0)]
+    after_1 = sorted(i for it in two for batch in it for i in image_ids(*batch, 0))
+    one = loader(0, 1, 2)
+    assert one.steps_per_epoch == 2 * 3
+    one.seek(0, 2)
+    it = iter(one)
+    ids = image_ids(*next(it), 0)
+    # a checkpoint after the seek restores the pipeline that began there
+    state = json.loads(json.dumps(one.state_dict()))
+    restored = loader(0, 1, 2)
+    restored.load_state_dict(state)
+    rest = [i for batch in it for i in image_ids(*batch, 0)]
+    assert [i for batch in restored for i in image_ids(*batch, 0)] == rest
+    assert sorted(ids + rest) == after_1
+    assert sorted(step_1 + after_1) == list(range(23))
+
+
 def test_gray_and_cmyk_jpegs_decode_to_rgb(tmp_path):
     write_fake(tmp_path, classes=3, per_class=2, val_per_class=3, sizes=(20, 40))
     loader = build_folder_loader(cfg(tmp_path), "val", 9, 0, 1, CPU, seed=0, training=False)

@@ -31,6 +31,27 @@ def test_shards_cover_every_sample_once_with_equal_steps(n, shards, batch):
     assert sorted(real) == list(range(n))
 
 
+@pytest.mark.parametrize("n", [1, 7, 23, 64, 65, 100])
+def test_an_optimizer_step_reads_the_same_samples_whatever_the_split(n):
+    # global batch 8 as 1 worker x 8, 2 x 4, 1 x 4 accumulating 2, 2 x 2 accumulating 2, ...
+    order = np.random.default_rng(n).permutation(n)
+    per_split = []
+    for shards, batch, group in [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2), (4, 1, 2), (1, 1, 8)]:
+        steps = sharding.steps_per_epoch(n, shards, batch, group)
+        assert steps == group * -(-n // 8)
+        layouts = [sharding.shard_layout(order, shards, batch, s, group) for s in range(shards)]
+        per_step = []
+        for opt in range(steps // group):
+            real = set()
+            for indices, valid in layouts:
+                for t in range(opt * group, (opt + 1) * group):
+                    real |= {int(i) for i in indices[t * batch : t * batch + valid[t]]}
+            per_step.append(real)
+        assert sorted(i for step in per_step for i in step) == list(range(n))
+        per_split.append(per_step)
+    assert all(p == per_split[0] for p in per_split)
+
+
 def test_epoch_order_depends_on_seed_and_epoch_only():
     a = sharding.epoch_order(50, seed=1, epoch=2, shuffle=True)
     assert np.array_equal(a, sharding.epoch_order(50, seed=1, epoch=2, shuffle=True))

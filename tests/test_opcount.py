@@ -75,6 +75,16 @@ def test_ops_command_prints_layers_totals_and_energy(capsys):
     assert "resnet18: one 3x224x224 image, 1000 classes" in out
     assert "blocks.7.conv2" in out and "head.fc" in out
     assert "1.8G / 1.8G" in out and "0.1G / 3.5G" in out and "Horowitz" in out
+    assert "the AdderNet keeps multiplications in stem.0, head.fc;" in out
+
+
+def test_lenet5_adder_net_multiplies_nowhere(capsys):
+    # section 4.1: every layer of LeNet-5-BN, the classifier too, is an adder layer
+    assert main(["ops", "recipes/mnist5k_lenet5.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "lenet5: one 1x32x32 image, 10 classes" in out
+    assert "every layer of this AdderNet is an adder layer" in out and "keeps" not in out
+    assert opcount.cost(opcount.resolve("recipes/mnist5k_lenet5.yaml"), "adder").mul == 0
 
 
 def test_ops_reads_the_model_from_a_recipe(capsys):

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from addertrain import checkpoint
 from addertrain.errors import UserError
 from addertrain.metrics import read_records
-from conftest import cli, cli_command
+from addertrain.model_io import checkpoint_model
+from conftest import cli, cli_command, preempt_while_paused
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/synthetic_tiny.yaml"
@@ -85,7 +86,8 @@ def assert_same_run(run_dir: Path, ref_dir: Path):
     """Final weights and BatchNorm statistics bitwise equal, and one logged loss per step and
     every evaluation, each equal to the reference's."""
     assert_same_weights(run_dir, ref_dir)
-    assert train_steps(run_dir) == list(range(1, 17))
+    steps = train_steps(ref_dir)
+    assert steps == list(range(1, len(steps) + 1)) and train_steps(run_dir) == steps
     assert losses(run_dir) == losses(ref_dir)
     assert evaluations(run_dir) == evaluations(ref_dir)
 
@@ -268,7 +270,7 @@ def test_sharded_state_across_world_sizes_is_refused(copied):
     recipe = {**meta["recipe"], "distributed": {**meta["recipe"]["distributed"], "zero_stage": 1}}
     with pytest.raises(UserError, match="ZeRO stage 1 .* resume with distributed.workers=1"):
         checkpoint.check_world(meta, ckpt, 2, recipe)
-    checkpoint.check_world(meta, ckpt, 2, meta["recipe"])  # ZeRO 0 over synthetic data: allowed
+    checkpoint.check_world(meta, ckpt, 2, meta["recipe"])  # ZeRO 0: the step places the data
 
 
 # -- the folder/DALI loader: the mid-epoch reader position ---------------------------------------
@@ -282,7 +284,8 @@ def digits(tmp_path_factory):
 
 
 def test_kill_9_mid_epoch_with_the_dali_loader(runs, digits):
-    # digits: 1437 training images in batches of 64 -> 22 steps per epoch; killed mid-epoch 1
+    # digits: 1437 training images in batches of 64 -> 23 steps per epoch (the last topped up),
+    # 2 micro-batches each; killed mid-epoch 1
     folder = [
         "recipes/digits.yaml",
         f"data.root={digits}",
@@ -308,11 +311,11 @@ def test_kill_9_mid_epoch_with_the_dali_loader(runs, digits):
     proc.wait()
     out = launch(*folder, "run.name=dali-killed")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert resumed_step(out.stdout) == 25  # mid-epoch: step 3 of epoch 1
+    assert resumed_step(out.stdout) == 25  # mid-epoch: step 2 of epoch 1
     state = json.loads(
         (runs / "dali-ref" / "checkpoints" / "step00000025" / "rank0.json").read_text()
     )
-    assert state["train_data"]["step"] == 3 * 2 and "dali" in state["train_data"]
+    assert state["train_data"]["step"] == 2 * 2 and "dali" in state["train_data"]
     ours, theirs = losses(runs / "dali-killed"), losses(runs / "dali-ref")
     assert ours == theirs and sorted(ours) == list(range(1, 31))
     assert_same_weights(runs / "dali-killed", runs / "dali-ref")
@@ -385,14 +388,43 @@ def test_resume_on_one_worker_from_a_two_worker_checkpoint(runs, ray_reference):
         assert ours[step] == pytest.approx(theirs[step], rel=1e-3), step
 
 
-def test_sigterm_under_ray_checkpoints_and_exits_75(runs, ray_reference):
-    # ray.init installs its own fatal-signal handler for SIGTERM: ours must win
-    args = (*RAY, f"run.dir={runs}", "run.name=ray-signalled")
+def preempt_and_resume(runs: Path, name: str, *extra: str) -> Path:
+    """A 2-worker Ray run sent SIGTERM at step 3 (exit 75), then launched again to the end."""
+    args = (*RAY, f"run.dir={runs}", f"run.name={name}", *extra)
     proc = start(*args)
-    wait_for_step(proc, runs / "ray-signalled", 3)
-    proc.send_signal(signal.SIGTERM)
+    wait_for_step(proc, runs / name, 3)
+    # The driver's handler runs between Ray's polls, up to a second later on a loaded machine:
+    # the workers wait for it.
+    workers = [p.pid for p in ray_workers(proc.pid)]
+    assert len(workers) == 2
+    preempt_while_paused(lambda: proc.send_signal(signal.SIGTERM), workers, runs / name)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, stdout[-3000:]
     out = launch(*args)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert_same_run(runs / "ray-signalled", ray_reference)
+    return runs / name
+
+
+def test_sigterm_under_ray_checkpoints_and_exits_75(runs, ray_reference):
+    # ray.init installs its own fatal-signal handler for SIGTERM: ours must win
+    assert_same_run(preempt_and_resume(runs, "ray-signalled"), ray_reference)
+
+
+def test_bn_reestimation_changes_only_what_is_evaluated_and_exported(runs, ray_reference):
+    from test_training import assert_reported_equals_export
+
+    run_dir = preempt_and_resume(runs, "ray-reestimated", "eval.bn_recalibration_batches=2")
+    # Training and its checkpoints are untouched, through a resume.
+    assert losses(run_dir) == losses(ray_reference)
+    ours, ref = (checkpoint_model(d / "checkpoints")[0] for d in (run_dir, ray_reference))
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    # Evaluations (and the export) use statistics of their own.
+    evals = [r for r in read_records(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["bn_recalibration_batches"] for r in evals] == [2, 2]
+    assert evaluations(run_dir).keys() == evaluations(ray_reference).keys()
+    assert evaluations(run_dir) != evaluations(ray_reference)
+    ours, ref = (load_file(d / "final" / "model.safetensors") for d in (run_dir, ray_reference))
+    stats = [k for k in ref if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not torch.equal(ours[k], ref[k]) for k in stats)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref if k not in stats)
+    assert_reported_equals_export(run_dir)

@@ -15,7 +15,7 @@ from addertrain import engine as ds_engine
 from addertrain.alr import AdderSGD, param_groups
 from addertrain.errors import UserError
 from addertrain.models import adder_layers, create_model
-from addertrain.nn import BatchNorm2d, average_running_stats
+from addertrain.nn import BatchNorm2d, average_running_stats, reestimated
 from addertrain.schedule import build_schedule
 
 
@@ -142,6 +142,35 @@ def test_schedule_gives_the_rate_of_each_step():
     # warmup over steps 0-7: (s + 1) / 8; then cosine over the remaining 8
     assert [lr_at(s) for s in (0, 7)] == pytest.approx([0.1 / 8, 0.1])
     assert lr_at(12) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+
+
+def test_batchnorm_reestimation_is_the_mean_of_batch_statistics_and_undone_after():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1, bias=False), BatchNorm2d(3, momentum=0.3))
+    bn = model[1]
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(7.0)
+    bn.num_batches_tracked.fill_(11)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    batches = [torch.randn(4, 2, 3, 3) * (i + 1) + i for i in range(3)]
+    with torch.no_grad():
+        features = [model[0](x).double() for x in batches]
+    # by hand: per batch, the mean and the unbiased variance over (N, H, W); then their mean
+    mean = torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0)
+    var = torch.stack([f.var((0, 2, 3), correction=1) for f in features]).mean(0)
+    with reestimated(model, batches) as stats:
+        assert not model.training
+        assert torch.allclose(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(bn.running_var.double(), var, rtol=1e-5)
+        assert stats.keys() == {"1.running_mean", "1.running_var"}
+        assert torch.equal(stats["1.running_mean"], bn.running_mean)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert bn.momentum == 0.3 and not model.training
+    with pytest.raises(RuntimeError), reestimated(model, batches):
+        raise RuntimeError("an evaluation that fails leaves the statistics as they were too")
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
 
 
 def _average_on_two_ranks(rank, path, out):

@@ -32,6 +32,8 @@ def build_loader(
     """The loader of ``split`` ("train" or "val") for worker ``rank`` of ``world``; a folder
     dataset comes from the index the launch wrote into ``index_dir``, when given."""
     training = split == "train"
+    # micro-batches per optimizer step: training lays out the epoch per global batch
+    group = cfg.train.global_batch // (batch * world) if training else 1
     d = cfg.data
     if d.source == "synthetic":
         from addertrain.data.synthetic import SyntheticLoader
@@ -53,9 +55,11 @@ def build_loader(
     if d.source in ("cifar", "mnist"):
         from addertrain.data.dali import build_array_loader
 
-        return build_array_loader(d, split, batch, rank, world, device, cfg.run.seed, training)
+        return build_array_loader(
+            d, split, batch, rank, world, device, cfg.run.seed, training, group
+        )
     from addertrain.data.dali import build_folder_loader
 
     return build_folder_loader(
-        d, split, batch, rank, world, device, cfg.run.seed, training, index_dir
+        d, split, batch, rank, world, device, cfg.run.seed, training, index_dir, group
     )

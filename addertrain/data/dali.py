@@ -150,11 +150,12 @@ class ShardLoader:
         num_shards: int,
         device: torch.device,
         seed: int,
+        group: int = 1,
     ):
         self.cfg, self.training = d, training
         self.batch, self.shard_id, self.num_shards = batch, shard_id, num_shards
-        self.device, self.seed = device, seed
-        self.steps_per_epoch = sharding.steps_per_epoch(samples, num_shards, batch)
+        self.device, self.seed, self.group = device, seed, group
+        self.steps_per_epoch = sharding.steps_per_epoch(samples, num_shards, batch, group)
         self.fingerprint = {
             "samples": samples,
             "dataset": digest,
@@ -163,6 +164,7 @@ class ShardLoader:
             "shards": num_shards,
         }
         self.epoch, self.step = 0, 0
+        self._start = 0  # the step the current epoch's pipeline begins at (after a seek)
         self._restored: bytes | None = None  # checkpoint to resume the current epoch from
         self._iterator = None  # DALI iterator over the current epoch
 
@@ -173,8 +175,16 @@ class ShardLoader:
         """Start ``epoch`` from its first step; a no-op if it is the current epoch, so that
         a restored mid-epoch position survives the trainer's set_epoch call."""
         if epoch != self.epoch:
-            self.epoch, self.step = epoch, 0
+            self.epoch, self.step, self._start = epoch, 0, 0
             self._restored = self._iterator = None
+
+    def seek(self, epoch: int, step: int) -> None:
+        """Continue at ``step`` of ``epoch`` with a fresh pipeline (its augmentation draws are
+        not those of a pipeline that ran from the epoch's start): how a resume on another
+        number of workers continues, the sharding putting every optimizer step's samples at
+        the same place of the order whatever the split (data/sharding.py)."""
+        self.epoch, self.step, self._start = epoch, step, step
+        self._restored = self._iterator = None
 
     def _open(self):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -184,13 +194,13 @@ class ShardLoader:
             self.fingerprint["samples"], self.seed, self.epoch, self.training
         )
         indices, self._valid = sharding.shard_layout(
-            order, self.num_shards, self.batch, self.shard_id
+            order, self.num_shards, self.batch, self.shard_id, self.group
         )
         seed = int(
             np.random.SeedSequence([self.seed, self.epoch, self.shard_id]).generate_state(1)[0] >> 1
         )
         checkpoint = self._restored if self.step else None
-        pipe = self._pipeline(indices, seed, checkpoint)
+        pipe = self._pipeline(indices[self._start * self.batch :], seed, checkpoint)
         # The sample list is a whole number of batches, so no last-batch policy ever applies.
         return DALIGenericIterator(
             pipe,
@@ -233,7 +243,7 @@ class ShardLoader:
             self.step += 1
             labels = out["labels"].view(-1).to(self.device, torch.int64, non_blocking=True)
             yield out["images"], labels, valid
-        self.epoch, self.step = self.epoch + 1, 0
+        self.epoch, self.step, self._start = self.epoch + 1, 0, 0
         self._restored = self._iterator = None
 
     def state_dict(self) -> dict:
@@ -241,6 +251,8 @@ class ShardLoader:
         if 0 < self.step < self.steps_per_epoch:
             cpt = self._iterator.checkpoints()[0] if self._iterator is not None else self._restored
             state["dali"] = base64.b64encode(cpt).decode()
+            if self._start:  # the DALI checkpoint is of a pipeline that began there
+                state["start"] = self._start
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -256,7 +268,7 @@ class ShardLoader:
                 "the saved data position is mid-epoch but lacks its DALI checkpoint; "
                 "the checkpoint is damaged, resume from another one"
             )
-        self.epoch, self.step = state["epoch"], state["step"]
+        self.epoch, self.step, self._start = state["epoch"], state["step"], state.get("start", 0)
         self._restored = base64.b64decode(state["dali"]) if "dali" in state else None
         self._iterator = None
 
@@ -274,9 +286,19 @@ class FolderLoader(ShardLoader):
         num_shards: int,
         device: torch.device,
         seed: int,
+        group: int = 1,
     ):
         super().__init__(
-            len(index.files), index.digest(), d, training, batch, shard_id, num_shards, device, seed
+            len(index.files),
+            index.digest(),
+            d,
+            training,
+            batch,
+            shard_id,
+            num_shards,
+            device,
+            seed,
+            group,
         )
         self.index = index
         self._files: list[str] = []  # what the current epoch's pipeline reads, in order
@@ -293,7 +315,7 @@ class FolderLoader(ShardLoader):
         ahead) that Pillow cannot decode either, or None."""
         from addertrain.data.check import inspect_image
 
-        start = self.step * self.batch
+        start = (self.step - self._start) * self.batch
         for path in self._files[start : start + READ_AHEAD * self.batch]:
             error = inspect_image(path)[3]
             if error:
@@ -311,6 +333,7 @@ def build_folder_loader(
     seed: int,
     training: bool,
     index_dir: Path | None = None,
+    group: int = 1,
 ) -> FolderLoader:
     """The loader of ``split`` ("train" or "val") for worker ``shard_id`` of ``num_shards``,
     from the index the launch wrote into ``index_dir`` if it has one, else from a listing.
@@ -321,7 +344,7 @@ def build_folder_loader(
     index = read_index(d.root, name, index_dir) if index_dir else None
     if index is None:
         index = index_split(d.root, name, class_names(d.root, d.train_split))
-    return FolderLoader(index, d, training, batch, shard_id, num_shards, device, seed)
+    return FolderLoader(index, d, training, batch, shard_id, num_shards, device, seed, group)
 
 
 def build_array_pipeline(
@@ -393,6 +416,7 @@ class ArrayLoader(ShardLoader):
         num_shards: int,
         device: torch.device,
         seed: int,
+        group: int = 1,
     ):
         if images.shape[3] != d.channels:
             raise UserError(
@@ -411,6 +435,7 @@ class ArrayLoader(ShardLoader):
             num_shards,
             device,
             seed,
+            group,
         )
         self.images, self.labels = images, labels
 
@@ -444,9 +469,12 @@ def build_array_loader(
     device: torch.device,
     seed: int,
     training: bool,
+    group: int = 1,
 ) -> ArrayLoader:
     images, labels, _ = load_arrays(d, split)
-    return ArrayLoader(images, labels, d, training, batch, shard_id, num_shards, device, seed)
+    return ArrayLoader(
+        images, labels, d, training, batch, shard_id, num_shards, device, seed, group
+    )
 
 
 def check_arrays(d: DataConfig, num_classes: int, training: bool) -> tuple[list[str], int]:

@@ -115,7 +115,7 @@ def check_epoch_fits(cfg: Config, images: int, full_batches_only: bool) -> None:
     steps = (
         images // (micro * workers)
         if full_batches_only
-        else steps_per_epoch(images, workers, micro)
+        else steps_per_epoch(images, workers, micro, accum)
     )
     if steps < accum:
         raise UserError(

@@ -1,10 +1,14 @@
 """Which samples each worker reads in an epoch.
 
-Every worker runs ``steps = ceil(n / (workers * batch))`` steps of full-size batches. Step
-``t`` of all workers together covers the next ``workers * batch`` samples of the epoch's
-order, so an epoch reads every sample exactly once across workers. The last step splits
-what is left evenly among the workers and tops each batch up with samples from the start
-of the order; ``valid`` counts the real samples at the front of each batch.
+An optimizer step consumes ``group`` micro-steps (gradient accumulation) of ``workers * batch``
+samples each: ``group * workers * batch`` samples, the global batch. Every worker runs
+``group * ceil(n / global batch)`` micro-steps of full-size batches. Micro-step ``t`` of all
+workers together covers the next ``workers * batch`` samples of the epoch's order, so each
+optimizer step covers the same samples of the order whatever the number of workers (an
+elastic resume continues at the same place) and an epoch reads every sample exactly once.
+The last optimizer step splits what is left evenly among its ``group * workers`` batches and
+tops each up with samples from the start of the order; ``valid`` counts the real samples at the
+front of each batch.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def steps_per_epoch(n: int, num_shards: int, batch: int) -> int:
-    return -(-n // (num_shards * batch))
+def steps_per_epoch(n: int, num_shards: int, batch: int, group: int = 1) -> int:
+    return group * -(-n // (group * num_shards * batch))
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -24,18 +28,23 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 
 
 def shard_layout(
-    order: np.ndarray, num_shards: int, batch: int, shard_id: int
+    order: np.ndarray, num_shards: int, batch: int, shard_id: int, group: int = 1
 ) -> tuple[np.ndarray, list[int]]:
     """Sample indices (``steps * batch`` of them) for one worker and the valid count per step."""
     n = len(order)
-    steps = steps_per_epoch(n, num_shards, batch)
+    steps = steps_per_epoch(n, num_shards, batch, group)
     step_size = num_shards * batch
-    full = order[: (steps - 1) * step_size].reshape(steps - 1, num_shards, batch)[:, shard_id]
-    tail = order[(steps - 1) * step_size :]
-    bounds = [w * len(tail) // num_shards for w in range(num_shards + 1)]
-    real = tail[bounds[shard_id] : bounds[shard_id + 1]]
-    # Padding of the workers before this one comes first, so fillers differ across workers.
-    pad_before = shard_id * batch - bounds[shard_id]
-    filler = order[(pad_before + np.arange(batch - len(real))) % n]
-    indices = np.concatenate([full.reshape(-1), real, filler])
-    return indices, [batch] * (steps - 1) + [len(real)]
+    head = steps - group  # micro-steps before the last optimizer step's
+    full = order[: head * step_size].reshape(head, num_shards, batch)[:, shard_id]
+    tail = order[head * step_size :]
+    slots = group * num_shards
+    bounds = [j * len(tail) // slots for j in range(slots + 1)]
+    parts, valid = [full.reshape(-1)], [batch] * head
+    for micro in range(group):
+        j = micro * num_shards + shard_id
+        real = tail[bounds[j] : bounds[j + 1]]
+        # Padding of the slots before this one comes first, so fillers differ across slots.
+        pad_before = j * batch - bounds[j]
+        parts += [real, order[(pad_before + np.arange(batch - len(real))) % n]]
+        valid.append(len(real))
+    return np.concatenate(parts), valid

@@ -86,3 +86,7 @@ class SyntheticLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.step = state["epoch"], state["step"]
+
+    def seek(self, epoch: int, step: int) -> None:
+        """Continue at ``step`` of ``epoch`` (every sample is a function of its index alone)."""
+        self.epoch, self.step = epoch, step

@@ -30,37 +30,40 @@ class Layer:
         return n * oh * ow * o * c * k * k
 
 
-def adder_layer_shapes(arch: str, batch: int, image: int = 224) -> list[Layer]:
-    """The distinct adder layer shapes of ``arch`` in network order, with their counts.
+def adder_layer_shapes(
+    arch: str,
+    batch: int,
+    image: int = 224,
+    channels: int | None = None,
+    num_classes: int | None = None,
+) -> list[Layer]:
+    """The distinct adder layer shapes of the AdderNet ``arch`` (every adder layer: ResNet
+    bodies and shortcuts, all of LeNet-5-BN's layers, its classifier included), in network
+    order, with their counts. ``channels`` and ``num_classes`` default to the architecture's
+    usual dataset (``models.INPUTS``).
 
-    Traced on the meta device through the CNN twin of the network, whose body convs are
-    built with the same arguments as the adder layers (stem and classifier excluded).
+    Traced on the meta device through the reference op: nothing is computed or allocated.
     """
     import torch
-    from torch import nn
 
-    from addertrain.models import create_model
+    from addertrain.models import INPUTS, adder_layers, create_model
 
+    classes, _, usual_channels = INPUTS[arch]
+    channels = channels or usual_channels
     seen: dict[tuple, int] = {}
     with torch.device("meta"):
-        model = create_model(arch, conv="conv")
+        model = create_model(
+            arch, num_classes=num_classes or classes, backend="reference", in_channels=channels
+        )
 
-        def record(module, inputs, _output):
+        def record(module, inputs):
             _, c, h, w = inputs[0].shape
-            shape = (
-                batch,
-                c,
-                h,
-                w,
-                module.out_channels,
-                module.kernel_size[0],
-                module.stride[0],
-                module.padding[0],
-            )
+            k, s, p = module.kernel_size, module.stride, module.padding
+            shape = (batch, c, h, w, module.out_channels, k, s, p)
             seen[shape] = seen.get(shape, 0) + 1
 
-        for m in model.blocks.modules():
-            if isinstance(m, nn.Conv2d):
-                m.register_forward_hook(record)
-        model(torch.empty(2, 3, image, image))  # 2: BatchNorm refuses one value per channel
+        for _, layer in adder_layers(model):
+            layer.register_forward_pre_hook(record)
+        # 2 images: BatchNorm refuses one value per channel
+        model(torch.empty(2, channels, image, image))
     return [Layer(i, shape, count) for i, (shape, count) in enumerate(seen.items())]

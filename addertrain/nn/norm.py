@@ -9,10 +9,14 @@ spacing. So the adder op hands this layer fp32, and the layer returns its weight
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -33,6 +37,10 @@ class BatchNorm2d(nn.BatchNorm2d):
         return y.to(self.weight.dtype)
 
 
+def _norms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
 @torch.no_grad()
 def average_running_stats(model: nn.Module) -> None:
     """Average every BatchNorm's running statistics across the ranks of the default group.
@@ -43,12 +51,7 @@ def average_running_stats(model: nn.Module) -> None:
     keeps what every shard saw; with equal shard sizes the mean of the ranks' running means
     is the running mean of the global batch.
     """
-    stats = [
-        t
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        for t in (m.running_mean, m.running_var)
-    ]
+    stats = [t for _, m in _norms(model) for t in (m.running_mean, m.running_var)]
     if not stats:
         return
     flat = torch.cat([t.reshape(-1) for t in stats])
@@ -56,3 +59,45 @@ def average_running_stats(model: nn.Module) -> None:
     flat /= dist.get_world_size()
     for t, part in zip(stats, flat.split([t.numel() for t in stats])):
         t.copy_(part.view_as(t))
+
+
+@contextmanager
+def reestimated(model: nn.Module, batches: Iterable[torch.Tensor]) -> Iterator[dict]:
+    """Inside: every BatchNorm's running statistics are the plain average of its batch
+    statistics over ``batches`` (the model's inputs, run in training mode without gradients),
+    averaged across ranks when distributed. Yields them as state-dict entries. On exit the
+    model has its own statistics, momenta and mode back, bit for bit.
+
+    Running averages trail a network whose weights move fast (an AdderNet's outputs do early
+    in training); statistics of the current weights do not ("precise BN").
+    """
+    norms = _norms(model)
+    saved = [(m.momentum, [b.clone() for b in m.buffers(recurse=False)]) for _, m in norms]
+    was_training = model.training
+    try:
+        model.train()
+        for _, m in norms:
+            m.reset_running_stats()
+        seen = 0
+        with torch.no_grad():
+            for x in batches:
+                for _, m in norms:  # momentum 1/(i+1): the running value is the mean so far
+                    m.momentum = 1.0 / (seen + 1)
+                model(x)
+                seen += 1
+        if not seen:
+            raise ValueError("BatchNorm re-estimation needs at least one batch")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            average_running_stats(model)
+        model.train(was_training)
+        yield {
+            f"{name}.{key}": getattr(m, key).detach().clone()
+            for name, m in norms
+            for key in ("running_mean", "running_var")
+        }
+    finally:
+        for (_, m), (momentum, buffers) in zip(norms, saved):
+            m.momentum = momentum
+            for b, old in zip(m.buffers(recurse=False), buffers):
+                b.copy_(old)
+        model.train(was_training)
