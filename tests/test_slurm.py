@@ -56,9 +56,12 @@ def slurm():
 
 
 def wait_job(cluster: SlurmCluster, job_id: str, timeout: float = 240, until=None) -> dict:
-    """Poll until the job ends (or ``until(job)``); a requeued job is made eligible at once
-    (Slurm holds it for two minutes) so the test does not sit out the delay."""
+    """Poll until the job ends (or ``until(job)``); a requeued job is made eligible 2 s on
+    (Slurm holds it for two minutes) so the test does not sit out the delay. Not at once:
+    slurmd refuses a credential made in the second its previous run's was revoked in ("Job
+    credential revoked"), and slurmctld then fails the job instead of starting it."""
     deadline = time.monotonic() + timeout
+    hurried = None  # the restart whose start time was brought forward
     while time.monotonic() < deadline:
         job = cluster.job(job_id)
         if until is not None and until(job):
@@ -70,8 +73,10 @@ def wait_job(cluster: SlurmCluster, job_id: str, timeout: float = 240, until=Non
                 f"job {job_id} ended ({job['JobState']}, exit {job.get('ExitCode')}) "
                 "before the awaited point"
             )
-        if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
-            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        pending = job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime"
+        if pending and job.get("Restarts") != hurried:
+            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+2", check=False)
+            hurried = job.get("Restarts")
         time.sleep(0.5)
     pytest.fail(
         f"job {job_id} still {cluster.job(job_id).get('JobState')} after {timeout} s\n"

@@ -106,8 +106,9 @@ def _index(root: Path, split: str, members: dict[str, list[str]], classes: list[
 
 
 def check_epoch_fits(cfg: Config, images: int, full_batches_only: bool) -> None:
-    """An epoch must hold at least one optimizer step; the trainer cannot schedule less.
-    ``full_batches_only``: the loader drops a ragged tail instead of padding it."""
+    """An epoch must hold at least one optimizer step of (at least partly) real micro-batches:
+    the padded layout would otherwise train on copies. ``full_batches_only``: the loader drops
+    a ragged tail instead of padding it."""
     from addertrain.data.sharding import steps_per_epoch
 
     workers = cfg.distributed.workers
@@ -115,7 +116,7 @@ def check_epoch_fits(cfg: Config, images: int, full_batches_only: bool) -> None:
     steps = (
         images // (micro * workers)
         if full_batches_only
-        else steps_per_epoch(images, workers, micro, accum)
+        else steps_per_epoch(images, workers, micro)
     )
     if steps < accum:
         raise UserError(
