@@ -276,30 +276,9 @@ class ShardLoader:
 class FolderLoader(ShardLoader):
     """An ImageNet-format folder (or file list), decoded by DALI's image decoder."""
 
-    def __init__(
-        self,
-        index: SplitIndex,
-        d: DataConfig,
-        training: bool,
-        batch: int,
-        shard_id: int,
-        num_shards: int,
-        device: torch.device,
-        seed: int,
-        group: int = 1,
-    ):
-        super().__init__(
-            len(index.files),
-            index.digest(),
-            d,
-            training,
-            batch,
-            shard_id,
-            num_shards,
-            device,
-            seed,
-            group,
-        )
+    def __init__(self, index: SplitIndex, *layout, **kw):
+        """``layout``: ShardLoader's arguments after ``samples`` and ``digest``."""
+        super().__init__(len(index.files), index.digest(), *layout, **kw)
         self.index = index
         self._files: list[str] = []  # what the current epoch's pipeline reads, in order
 
@@ -405,19 +384,8 @@ class ArrayLoader(ShardLoader):
 
     reader_name = None  # the external source ends the epoch; the loader counts its steps
 
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        d: DataConfig,
-        training: bool,
-        batch: int,
-        shard_id: int,
-        num_shards: int,
-        device: torch.device,
-        seed: int,
-        group: int = 1,
-    ):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, d: DataConfig, *layout, **kw):
+        """``layout``: ShardLoader's arguments after ``d``."""
         if images.shape[3] != d.channels:
             raise UserError(
                 f"data.channels is {d.channels} but the {d.source} images have "
@@ -425,18 +393,7 @@ class ArrayLoader(ShardLoader):
             )
         digest = hashlib.sha256(images.data)
         digest.update(labels.astype("<i8").tobytes())
-        super().__init__(
-            len(labels),
-            digest.hexdigest()[:16],
-            d,
-            training,
-            batch,
-            shard_id,
-            num_shards,
-            device,
-            seed,
-            group,
-        )
+        super().__init__(len(labels), digest.hexdigest()[:16], d, *layout, **kw)
         self.images, self.labels = images, labels
 
     def _pipeline(self, indices, seed, checkpoint):

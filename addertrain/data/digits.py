@@ -8,8 +8,6 @@ upsampled to ``size`` x ``size`` (32 suits a CIFAR-style ResNet) and stored as a
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from addertrain.errors import UserError
@@ -76,32 +74,18 @@ def prepare_digits(root: str | Path, size: int = 32) -> Path:
                 f"or use data.image_size={found}"
             )
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        counts = _write(tmp, size)
-        (tmp / META).write_text(
-            json.dumps(
-                {
-                    "source": "sklearn.datasets.load_digits",
-                    "size": size,
-                    "val_fraction": VAL_FRACTION,
-                    "split_seed": SPLIT_SEED,
-                    **counts,
-                },
-                indent=1,
-            )
-            + "\n"
-        )
-        os.rename(tmp, root)
-    except OSError as e:
-        # Another process may have finished first; its copy is identical.
-        if not (root / META).is_file():
-            raise UserError(f"could not write the digits dataset to {root}: {e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    from addertrain.data.folder import publish_folder
+
+    def write(folder: Path) -> dict:
+        return {
+            "source": "sklearn.datasets.load_digits",
+            "size": size,
+            "val_fraction": VAL_FRACTION,
+            "split_seed": SPLIT_SEED,
+            **_write(folder, size),
+        }
+
+    return publish_folder(root, META, write, "the digits dataset")
 
 
 def add_arguments(p) -> None:

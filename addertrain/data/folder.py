@@ -13,6 +13,8 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,3 +259,22 @@ def save_class_map(classes: list[str], run_dir: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({name: i for i, name in enumerate(classes)}, indent=1) + "\n")
     return path
+
+
+def publish_folder(root: Path, meta: str, write: Callable[[Path], dict], what: str) -> Path:
+    """Make a generated dataset at ``root``: ``write(folder)`` fills a temporary sibling and
+    returns the metadata saved as ``meta`` in it, then the sibling is renamed into place, so an
+    interrupted run never leaves half a dataset."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        info = write(tmp)
+        (tmp / meta).write_text(json.dumps(info, indent=1) + "\n")
+        os.rename(tmp, root)
+    except OSError as e:
+        if not (root / meta).is_file():  # another process may have finished the same copy
+            raise UserError(f"could not write {what} to {root}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

