@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from addertrain import console
-from addertrain.errors import UserError
+from addertrain.errors import Failure
 
 # (group, name) -> module; group None means a top-level command.
 COMMANDS = {
@@ -26,10 +26,12 @@ COMMANDS = {
     ("bench", "kernels"): "addertrain.bench.kernels",
     ("bench", "data"): "addertrain.bench.data",
     ("bench", "scaling"): "addertrain.bench.scaling",
+    ("bench", "launch"): "addertrain.bench.launch",
     ("data", "check"): "addertrain.data.check",
     ("data", "digits"): "addertrain.data.digits",
     ("data", "fake"): "addertrain.data.fake",
     ("data", "mnist5k"): "addertrain.data.mnist",
+    ("data", "pack"): "addertrain.data.pack",
 }
 GROUP_HELP = {
     "bench": "measure speed and memory side by side with the baselines (prints a table, writes "
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     console.setup()
     try:
         return args._run(args) or 0
-    except UserError as e:
+    except Failure as e:  # UserError (exit 2), RunStopped (its own code)
         print(f"addertrain: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -36,6 +36,7 @@ class RunConfig(Section):
     # which dataset files launch opens before the workers start, to find empty, missing and
     # non-image files: "full" all, "sample" an even 10,000, for file systems where opening a
     # million files is slow (docs/data.md). Here, not under data: a resume may change it.
+    # Folders only: packed data (data.source: packed) is checked from its manifest.
     data_check: Literal["full", "sample"] = "full"
 
 
@@ -62,8 +63,9 @@ class SyntheticConfig(Section):
 class DataConfig(Section):
     # folder: ImageNet layout root/{train,val}/<class>/*.JPEG; synthetic: generated;
     # cifar: root holds the python batches (cifar-10-batches-py/ or cifar-100-python/);
-    # mnist: root holds the IDX files (train-images-idx3-ubyte[.gz], ...)
-    source: Literal["folder", "synthetic", "cifar", "mnist"] = "synthetic"
+    # mnist: root holds the IDX files (train-images-idx3-ubyte[.gz], ...);
+    # packed: root holds the shards `addertrain data pack` wrote (manifest.json, *.tar)
+    source: Literal["folder", "synthetic", "cifar", "mnist", "packed"] = "synthetic"
     root: str | None = None
     train_split: str = "train"
     val_split: str = "val"
@@ -83,6 +85,7 @@ class DataConfig(Section):
     flip: bool = True
     mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), strict=False)
     std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), strict=False)
+    # DALI's CPU threads per worker; packed data also reads its shards with this many threads
     threads: int = Field(2, ge=1)
     synthetic: SyntheticConfig = SyntheticConfig()
 
@@ -92,7 +95,7 @@ class DataConfig(Section):
             raise ValueError(
                 f"data.root must name the dataset folder when data.source is {self.source}"
             )
-        if self.source in ("cifar", "mnist") and self.prepare:
+        if self.source in ("cifar", "mnist", "packed") and self.prepare:
             raise ValueError(
                 f"data.prepare builds a folder dataset; drop it with data.source={self.source}"
             )
@@ -188,7 +191,14 @@ class DistributedConfig(Section):
     cpus_per_worker: float = Field(1, gt=0)
     zero_stage: Literal[0, 1, 2] = 0
     ray_address: str | None = None
-    max_failures: int = Field(0, ge=0)
+    # Worker-group restarts after a failure; none: 3 on a cluster (--address, Slurm), 0 on the
+    # embedded one (docs/multinode.md, "Node loss")
+    max_failures: int | None = Field(None, ge=0)
+    # how long a restart (or the first start) waits for its workers to be placed
+    replacement_timeout_s: float = Field(300, gt=0)
+    # hung-peer bound: collectives and Ray's worker health check time out after it, and the
+    # step watchdog fires after min(it, max(60 s, 10 x the slowest recent step))
+    step_timeout_s: float = Field(300, gt=0)
     # Train on as few as min_workers when the others are lost (or missing at the start),
     # keeping the global batch by gradient accumulation: Ray executor, ZeRO 0 (docs/multinode.md)
     elastic: bool = False

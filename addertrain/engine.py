@@ -46,11 +46,24 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
+def skip_inference_comm_op() -> None:
+    """On its CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op
+    (deepspeed_shm_comm) when it sets up communication, but only DeepSpeed inference's
+    all-reduce uses it: training reduces through torch.distributed (gloo). Compiling it took
+    25-48 s on the first launch after setup (docs/performance.md, launch to first step).
+    DeepSpeed skips an op its table of compatible ops marks off; the table is built once per
+    process and kept, so the mark holds."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def initialize(cfg: Config, model, optimizer, world_size: int):
     """The engine, without a schedule: the trainer sets the learning rate of each step
     itself, so that a step DeepSpeed skips (fp16 overflow) cannot shift the schedule."""
     import deepspeed
 
+    skip_inference_comm_op()
     # DeepSpeed prints (rather than logs) on every CPU rank that it built its shared-memory
     # communication op: a debug line here (launch -v). Its log records are not affected.
     printed = io.StringIO()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-EXIT_CODE = 75
+from addertrain.errors import EXIT_TEMPFAIL
+
+EXIT_CODE = EXIT_TEMPFAIL
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

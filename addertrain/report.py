@@ -162,7 +162,7 @@ def ops_cost(run: Run):
 
 
 def rows(runs: list[Run]) -> list[list[str]]:
-    from addertrain import opcount
+    from addertrain import opcount, phases
 
     def pct(v):
         return "n/a" if v is None else f"{v:.2f}%"
@@ -201,6 +201,19 @@ def rows(runs: list[Run]) -> list[list[str]]:
         "wall time",
         [f"{r.result['wall_s']:.0f} s" if r.result and "wall_s" in r.result else "-" for r in runs],
     )
+    # where the wall time went (addertrain/phases.py), a row per phase any run recorded
+    results = [r.result or {} for r in runs]
+    for name in [*phases.ORDER, phases.UNTIMED]:
+        if any(name in res.get("phases", {}) for res in results):
+            row(
+                f"phase {phases.LABELS.get(name, name)}",
+                [
+                    phases.describe(name, res["phases"][name], res.get("phase_counts", {}))
+                    if name in res.get("phases", {})
+                    else "-"
+                    for res in results
+                ],
+            )
     costs = [ops_cost(r) for r in runs]
     row("#Mul / image", [opcount.human(c.mul) if c else "-" for c in costs])
     row("#Add / image", [opcount.human(c.add) if c else "-" for c in costs])

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import random
 import resource
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ from addertrain.evaluate import eval_summary, eval_sums
 from addertrain.metrics import MetricsLog, Progress, eval_line, plot
 from addertrain.model_io import create_model_from_config, write_model
 from addertrain.nn import average_running_stats, reestimated
+from addertrain.phases import Phases
 from addertrain.schedule import build_schedule
+from addertrain.watchdog import Watchdog
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,8 +48,10 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, world: distributed.WorldInfo):
+    def __init__(self, cfg: Config, world: distributed.WorldInfo, phases: Phases | None = None):
         self.cfg, self.world = cfg, world
+        self.phases = phases or Phases()
+        started = time.time()
         self.run_dir = cfg.run_dir()
         cfg.check_device(world.device.type)
         micro, self.accum = cfg.batch_split(world.world_size)
@@ -66,6 +71,7 @@ class Trainer:
             if cfg.eval.bn_recalibration_batches
             else None
         )
+        started = self.phases.since("data_pipelines", started)
         self.eval_norm_stats: dict = {}  # the statistics the last evaluation used, if its own
         self.steps_per_epoch = self.train_data.steps_per_epoch // self.accum
         if self.steps_per_epoch == 0:
@@ -98,6 +104,7 @@ class Trainer:
         )
         self.lr_at = build_schedule(cfg.schedule, self.total_steps, self.steps_per_epoch, o.lr)
         self.engine = ds_engine.initialize(cfg, model, self.optimizer, world.world_size)
+        self.phases.since("engine", started)
         self.teacher = distill.Teacher(cfg, world.device) if cfg.distill.teacher else None
         self._teacher_since = (0, 0.0)  # (step, teacher seconds) at the last log line
         self.step = 0
@@ -208,11 +215,23 @@ class Trainer:
             self.train_data.set_epoch(self.step // self.steps_per_epoch)
 
     def fit(self) -> dict:
-        """Train to the end, or until a preemption request; checkpoints on the way."""
+        """Train to the end, or until a preemption request; checkpoints on the way. A step
+        (or evaluation, checkpoint) that never ends ends the process (addertrain/watchdog.py)."""
+        d = self.cfg.distributed
+        with Watchdog(
+            self.run_dir, self.world.rank, d.step_timeout_s, announce=d.executor == "local"
+        ) as dog:
+            return self._fit(dog)
+
+    def _fit(self, dog: Watchdog) -> dict:
         batches = self._batches()
+        phase = "first_step"  # of this process: it pays for what the libraries set up lazily
         while self.step < self.total_steps:
-            loss, lr = self.train_step(next(batches))
+            with self.phases.timed(phase):
+                loss, lr = self.train_step(next(batches))
+            phase = "training"
             self.step += 1
+            dog.beat(self.step)
             self.images_seen += self.cfg.train.global_batch
             # The first step with a non-finite loss, noted on the device: reading the loss
             # every step would make the host wait for the GPU at every step.
@@ -225,7 +244,8 @@ class Trainer:
                 self._log_train(loss.item(), lr)
             evaluated = final or bool(self.eval_every and self.step % self.eval_every == 0)
             if evaluated:
-                self._evaluate_and_log()
+                with dog.long("evaluation"), self.phases.timed("evaluation"):
+                    self._evaluate_and_log()
             due, stop = self.checkpointer.poll(self.step)
             if (
                 due
@@ -233,7 +253,8 @@ class Trainer:
                 or (evaluated and self.checkpointer.wants_save_after_eval(self.last_eval["top1"]))
             ):
                 self._check_finite()  # never checkpoint a diverged model
-                self.checkpointer.save(self.step, self.last_eval["top1"] if evaluated else None)
+                with dog.long("checkpoint"), self.phases.timed("checkpoint"):
+                    self.checkpointer.save(self.step, self.last_eval["top1"] if evaluated else None)
             if stop and not final:
                 return self._summary("preempted")
         return self._summary("completed")

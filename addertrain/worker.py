@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -22,18 +23,24 @@ def worker_env() -> None:
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
 
-def train_worker(cfg_dict: dict) -> None:
+def train_worker(cfg_dict: dict, started_at: float | None = None) -> None:
     """Train (from a checkpoint if there is one); rank 0 leaves the summary in
-    ``run_dir/result.json`` for the launcher, with ``status`` completed or preempted."""
+    ``run_dir/result.json`` for the launcher, with ``status`` completed or preempted, and its
+    phases (addertrain/phases.py) timed from ``started_at`` (a ``time.time()`` stamp: when the
+    executor's worker function began; default now)."""
+    started_at = started_at or time.time()
     worker_env()
     from addertrain import checkpoint, console, distributed
     from addertrain.config import Config
+    from addertrain.phases import Phases
     from addertrain.trainer import Trainer
 
     cfg = Config.model_validate(cfg_dict)
     world = distributed.init(cfg.train.device)
     console.setup(world.rank)
-    trainer = Trainer(cfg, world)
+    phases = Phases()
+    phases.since("worker_setup", started_at)
+    trainer = Trainer(cfg, world, phases)
     # The run's own latest checkpoint comes first: after a failure Ray restarts the workers
     # with the same arguments, and they must continue, not go back to the launch's start.
     # Whichever it is, Checkpointer.load verifies it here, in the process that unpickles it.
@@ -41,13 +48,23 @@ def train_worker(cfg_dict: dict) -> None:
         cfg.checkpoint.resume and checkpoint.find(cfg.checkpoint.resume)
     )
     if start:
-        trainer.resume(start)
+        with phases.timed("resume"):
+            trainer.resume(start)
     result = trainer.fit()
     if result["status"] == "completed":
-        trainer.save_final()
+        with phases.timed("export"):
+            trainer.save_final()
     # Only on success: after a failure on one rank a barrier would wait for the others forever.
     if world.is_main:
-        result.update(world_size=world.world_size, device=str(world.device))
+        result.update(
+            world_size=world.world_size,
+            device=str(world.device),
+            **phases.record(),
+            # for the launcher, to place rank 0's part on its own timeline
+            worker_started_at=started_at,
+            worker_finished_at=time.time(),
+            first_step_at=phases.ends.get("first_step"),  # launch to first step (bench launch)
+        )
         write_result(cfg.run_dir(), result)
     distributed.teardown()
 

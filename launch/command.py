@@ -16,6 +16,7 @@ from addertrain import config, console, preempt, runlock
 from addertrain.console import LOG
 from addertrain.errors import UserError
 from addertrain.metrics import MetricsLog, eval_line
+from addertrain.phases import Phases, combine, summary_line
 
 HELP = "train a recipe (YAML) with optional key.path=value overrides"
 
@@ -123,7 +124,8 @@ def check_address(cfg: config.Config, address: str | None, smoke: bool) -> None:
         )
 
 
-def execute(cfg: config.Config, address: str | None = None) -> None:
+def execute(cfg: config.Config, address: str | None = None, phases: Phases | None = None) -> None:
+    """Run the workers to the end; ``phases`` gets the launcher's part of the start-up."""
     if cfg.distributed.executor == "local":
         from addertrain import warmup
         from addertrain.launch import local
@@ -135,10 +137,20 @@ def execute(cfg: config.Config, address: str | None = None) -> None:
         return
     from addertrain.launch import ray_executor
 
-    ray_executor.run(cfg, address or cfg.distributed.ray_address)
+    ray_executor.run(cfg, address or cfg.distributed.ray_address, phases)
+
+
+def timeline(result: dict, phases: Phases, handoff: float, ended: float, wall: float) -> dict:
+    """The run's phases: the launcher's, rank 0's (from its result), and between them the
+    workers' start (from the handoff to rank 0's worker function, less the cluster's start)
+    and the shutdown (from rank 0's summary to the end); ``untimed`` is the rest of ``wall``."""
+    phases.add("workers", result["worker_started_at"] - handoff - phases.seconds.get("cluster", 0))
+    phases.add("shutdown", ended - result["worker_finished_at"])
+    return combine(phases.record(), result, wall)
 
 
 def run(args) -> int:
+    started = time.time()  # the run's wall time counts from here (Python's start-up is ~1 s)
     # every process of the run (Ray workers too) reads the verbosity from the environment
     os.environ[console.ENV] = str(-1 if args.quiet else 1 if args.verbose else 0)
     console.setup()
@@ -162,12 +174,12 @@ def run(args) -> int:
     from addertrain.distributed import launcher_rank
 
     if launcher_rank() != 0:  # another rank of torchrun/srun: rank 0 holds the lock
-        return train(cfg, args, notes)
+        return train(cfg, args, notes, started)
     # Nothing in the run directory is touched before the lock: a second launch into a live
     # run must not delete its stop request, summary or half-written checkpoint.
     lock = runlock.acquire(cfg.run_dir())
     try:
-        return train(cfg, args, notes)
+        return train(cfg, args, notes, started)
     except UserError:
         from addertrain import checkpoint
 
@@ -179,13 +191,16 @@ def run(args) -> int:
         lock.release()
 
 
-def train(cfg: config.Config, args, notes: list[str]) -> int:
-    """Everything that writes to the run directory; the caller holds its lock."""
+def train(cfg: config.Config, args, notes: list[str], started: float) -> int:
+    """Everything that writes to the run directory; the caller holds its lock. ``started``:
+    the launch's ``time.time()`` stamp, where its wall time begins."""
     preempt.clear(cfg.run_dir())
     preempt.install_handlers(cfg.run_dir())
     from addertrain.data.prepare import prepare_data
 
-    classes = prepare_data(cfg)
+    phases = Phases()
+    with phases.timed("dataset"):
+        classes = prepare_data(cfg)
     if cfg.distill.teacher:
         import torch
 
@@ -199,11 +214,14 @@ def train(cfg: config.Config, args, notes: list[str]) -> int:
 
         save_class_map(classes, run_dir)
     LOG.info(f"run directory: {run_dir}")
-    start = time.perf_counter()
-    execute(cfg, args.address)
-    wall = time.perf_counter() - start
+    handoff = time.time()
+    execute(cfg, args.address, phases)
+    ended = time.time()
+    wall = ended - started
     result = json.loads((run_dir / "result.json").read_text())
-    result.update(wall_s=round(wall, 1), notes=notes)
+    result.update(
+        wall_s=round(wall, 1), notes=notes, **timeline(result, phases, handoff, ended, wall)
+    )
     from addertrain.distributed import launcher_rank
 
     if launcher_rank() == 0:  # the other ranks of torchrun or srun only read it
@@ -216,9 +234,11 @@ def train(cfg: config.Config, args, notes: list[str]) -> int:
             f"--resume auto (exit code {preempt.EXIT_CODE})",
             flush=True,
         )
+        LOG.info(summary_line(result))
         return preempt.EXIT_CODE
     ev = result["eval"]
     print(f"done in {wall:.0f} s: {result['steps']} steps, {eval_line(ev)}", flush=True)
+    LOG.info(summary_line(result))
     if not args.smoke:
         return 0
     from addertrain import smoke

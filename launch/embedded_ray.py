@@ -19,11 +19,27 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# Ray Train's tracebacks of a failure, in its controller and workers: the launch reports the
+# failure in one line and writes every rank's traceback to the run's log (launch/failures.py).
+FAILURE_LOGGERS = (
+    "ray.train.v2._internal.execution.controller.controller",  # "Error in control loop"
+    "ray.train.v2._internal.util",  # "Error in training function"
+    # the process group cannot shut down once a worker died
+    "ray.train.v2._internal.callbacks.backend_setup",
+)
+
+
+class _HideTracebacks(logging.Filter):
+    """Records about an exception (logged with it, or while it is being handled)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.exc_info and sys.exc_info()[1] is None
 
 
 def worker_setup() -> None:
@@ -39,6 +55,8 @@ def worker_setup() -> None:
     # cleaner can never work (and ray.shutdown removes the placement groups anyway); a cluster
     # with the dashboard (ray[default]) answers and the cleaner works, silently.
     logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+    for name in FAILURE_LOGGERS:
+        logging.getLogger(name).addFilter(_HideTracebacks())
 
 
 @contextlib.contextmanager

@@ -6,22 +6,26 @@ an embedded single-node cluster (launch/embedded_ray.py) is started for the run 
 after it; either way the recipe must fit the resources that exist. Before training, every
 worker checks that it sees the run directory and the dataset (launch/nodes.py) and warms the
 Triton kernels (addertrain/warmup.py). A UserError in a worker ends the launch as it would in
-this process: one line, exit code 2.
+this process: one line, exit code 2; any other failure of the workers (a lost node, a hung
+peer, out of memory, ...) is one line too, with its exit code (launch/failures.py). On a
+cluster a failed worker group is restarted; every wait is bounded (distributed.*_timeout_s).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import math
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from addertrain import console, preempt
 from addertrain.config import Config
 from addertrain.errors import UserError
-from addertrain.launch import nodes
+from addertrain.launch import failures, nodes
+from addertrain.phases import Phases
 
 
 def worker_env_vars(cfg: Config) -> dict[str, str]:
@@ -127,29 +131,47 @@ def _check_fits(cfg: Config, have: dict, where: str) -> None:
             )
 
 
-def _check_resources(cfg: Config) -> None:
+def alive_resources() -> tuple[dict, list[str], list[str]]:
+    """(the resources of the cluster's alive nodes, their addresses, the dead nodes'):
+    ``ray.cluster_resources()`` counts a lost node's until the GCS drops it, and Ray Train
+    would wait for it."""
     import ray
 
-    _check_fits(cfg, ray.cluster_resources(), "the Ray cluster")
+    have: dict[str, float] = {}
+    alive, dead = [], []
+    for node in ray.nodes():
+        (alive if node["Alive"] else dead).append(node["NodeManagerAddress"])
+        if node["Alive"]:
+            for name, amount in node["Resources"].items():
+                have[name] = have.get(name, 0) + amount
+    return have, alive, dead
 
 
-class _HideUserErrors(logging.Filter):
-    """Ray Train logs each exception of the training function with its traceback while it
-    is being handled; a UserError is bad input, which the launcher reports as one line."""
+def describe_cluster() -> str:
+    have, alive, dead = alive_resources()
+    gone = f"; lost: {', '.join(dead)}" if dead else ""
+    return (
+        f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU on {len(alive)} alive "
+        f"node(s) ({', '.join(alive)}{gone})"
+    )
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not isinstance(sys.exc_info()[1], UserError)
+
+def _check_resources(cfg: Config) -> None:
+    have, _, _ = alive_resources()
+    try:
+        _check_fits(cfg, have, "the Ray cluster (its alive nodes)")
+    except UserError as e:
+        raise failures.placement_failure(f"{e} ({describe_cluster()})") from None
 
 
 def _ray_worker(config: dict) -> None:
+    started_at = time.time()  # the worker's start-up phases count from here
     import ray
     import ray.train
 
     from addertrain import warmup
     from addertrain.worker import train_worker
 
-    for handler in logging.getLogger("ray.train").handlers:
-        handler.addFilter(_HideUserErrors())
     cfg = Config.model_validate(config["cfg"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -157,12 +179,13 @@ def _ray_worker(config: dict) -> None:
     nodes.check(cfg, config["run_token"], rank, node)
     nodes.report(cfg, rank, node)
     warmup.before_training(cfg, context.get_local_rank())
-    train_worker(config["cfg"])
+    train_worker(config["cfg"], started_at)
 
 
-def _fit(trainer) -> None:
-    """``trainer.fit()``, with a worker's UserError raised here as it was raised there."""
-    from ray.train import WorkerGroupError
+def _fit(trainer, cfg: Config) -> None:
+    """``trainer.fit()``, with a failure of the workers raised as one line (launch/failures.py):
+    a worker's UserError as it was raised there."""
+    from ray.train.v2.api.exceptions import TrainingFailedError
 
     try:
         trainer.fit()
@@ -170,12 +193,44 @@ def _fit(trainer) -> None:
         # Ray Train answers Ctrl-C by aborting the run and exiting from fit(): report it as
         # an interrupt, as in the local executor.
         raise KeyboardInterrupt from None
-    except WorkerGroupError as e:
-        # The other ranks' errors follow from the first one (a collective that lost a peer).
-        bad = [err for _, err in sorted(e.worker_failures.items()) if isinstance(err, UserError)]
-        if bad:
-            raise UserError(str(bad[0])) from None
-        raise
+    except TrainingFailedError as e:
+        raise failures.explain(e, cfg, describe_cluster(), alive_resources()[2]) from None
+
+
+def max_failures(cfg: Config, address: str | None) -> int:
+    """Restarts after a failure: the recipe's, else 3 on a cluster (a node may be lost and
+    replaced) and none on the embedded one (one machine: nothing to replace)."""
+    if cfg.distributed.max_failures is not None:
+        return cfg.distributed.max_failures
+    return 3 if address or failures.on_slurm() else 0
+
+
+# An elastic restart that asked for more workers than the survivors (Ray Train's count of the
+# cluster still holds a lost node for a while) gives up on that placement after this long and
+# asks again for the workers it then sees.
+ELASTIC_PLACEMENT_S = 30.0
+
+
+def placement(cfg: Config) -> tuple[float, int]:
+    """(how long one placement of the worker group may wait, how many timed-out placements
+    are retried). A fixed-size run waits once, replacement_timeout_s, for a replacement; an
+    elastic one retries short placements within the same total, then goes on with those
+    there are."""
+    d = cfg.distributed
+    if not d.elastic:
+        return d.replacement_timeout_s, 0
+    each = min(ELASTIC_PLACEMENT_S, d.replacement_timeout_s)
+    return each, math.ceil(d.replacement_timeout_s / each)
+
+
+def timeouts_env(cfg: Config) -> dict[str, str]:
+    """Ray Train's bounds, which it hands from the driver to its controller and workers: a
+    worker group is placed within placement()'s wait, and a worker whose health check
+    hangs (a stopped process) is failed after step_timeout_s, not Ray's 10 minutes."""
+    return {
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{placement(cfg)[0]:g}",
+        "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": f"{cfg.distributed.step_timeout_s:g}",
+    }
 
 
 def _driver_console() -> None:
@@ -189,9 +244,12 @@ def _driver_console() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
-def run(cfg: Config, address: str | None) -> None:
+def run(cfg: Config, address: str | None, phases: Phases | None = None) -> None:
+    """Train on the cluster; ``phases`` gets the cluster's start (addertrain/phases.py)."""
     _driver_console()
+    started = time.time()
     with cluster(address, cfg):  # first: the embedded cluster must set up before ray loads
+        (phases or Phases()).since("cluster", started)
         from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -209,6 +267,7 @@ def run(cfg: Config, address: str | None) -> None:
         # is the run directory's, docs/resume.md), and each start of its actor prints a
         # core-worker error line. Ray Train hands the switch to its controller, wherever it runs.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.update(timeouts_env(cfg))
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={"cfg": cfg.to_dict(), "run_token": token},
@@ -218,13 +277,21 @@ def run(cfg: Config, address: str | None) -> None:
                 use_gpu=use_gpu,
                 resources_per_worker=resources,
             ),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            # the process group's timeout bounds every gloo/NCCL collective (a hung peer)
+            torch_config=TorchConfig(
+                backend="nccl" if use_gpu else "gloo", timeout_s=round(d.step_timeout_s)
+            ),
             # The run directory is the Ray experiment directory. No checkpoint is reported
             # to Ray Train: addertrain.checkpoint alone keeps them (docs/resume.md).
             run_config=RunConfig(
                 name=run_dir.name,
                 storage_path=str(run_dir.parent),
-                failure_config=FailureConfig(max_failures=d.max_failures),
+                # Timed-out placements are retried a bounded number of times (placement()):
+                # Ray Train would otherwise retry them forever.
+                failure_config=FailureConfig(
+                    max_failures=max_failures(cfg, address),
+                    controller_failure_limit=placement(cfg)[1],
+                ),
                 worker_runtime_env={"env_vars": worker_env_vars(cfg)},
                 # Ray Train's INFO lines (placement, each failure decision with the worker's
                 # traceback) are noise next to our progress; its warnings stay.
@@ -233,4 +300,4 @@ def run(cfg: Config, address: str | None) -> None:
                 ),
             ),
         )
-        _fit(trainer)
+        _fit(trainer, cfg)

@@ -17,3 +17,6 @@ fi
 if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2
 fi
+# The CPU adder op's C kernels (addertrain/ops/native.py), built once for this CPU so the first
+# run does not pay for it; without a C compiler the op keeps its torch path.
+.venv/bin/python -c "from addertrain.ops import native; native.library()"

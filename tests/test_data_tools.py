@@ -355,3 +355,16 @@ def test_bench_data_cli_writes_both_sides(tmp_path):
         result["dali"]["img_per_s"] / result["torch"]["img_per_s"]
     )
     assert "ratio DALI / DataLoader" in out.stdout
+    # folder vs its packed copy, side by side at each injected latency of every open
+    compared = result["folder_vs_packed"]
+    assert compared["latencies_ms"] == [0.0, 0.5, 2.0]
+    for source in ("folder", "packed"):
+        for ms in compared["latencies_ms"]:
+            for kind in ("read", "decoded"):
+                assert compared["sources"][source][str(ms)][kind]["img_per_s"] > 0
+    opens = compared["opens"]
+    # an epoch opens every image of the folder, and no more than the shards it reads packed
+    assert opens["folder"]["opens_per_epoch"] >= 16
+    assert 1 <= opens["packed"]["opens_per_epoch"] <= opens["packed"]["shards_read"]
+    assert [t["target"] for t in result["targets"]][2] == "packed opens per epoch <= shards read"
+    assert result["targets"][2]["met"] is True

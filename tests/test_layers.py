@@ -29,6 +29,8 @@ LAYERS = [
             "addertrain.runlock",
             "addertrain.metrics",
             "addertrain.distributed",
+            "addertrain.watchdog",
+            "addertrain.phases",
         ],
     ),
     ("adder ops", ["addertrain.ops", "addertrain.kernels"]),

@@ -63,3 +63,23 @@ def test_a_bad_dataset_writes_no_index(tmp_path):
     with pytest.raises(UserError, match="cannot be trained on.*empty.JPEG"):
         prepare_data(recipe(tmp_path, root))
     assert not (tmp_path / "run" / INDEX).exists()
+
+
+def test_a_relaunch_on_an_unchanged_tree_opens_no_file(tmp_path, monkeypatch):
+    from addertrain.data import check
+
+    root = write_fake(tmp_path / "ds", classes=3, per_class=2, val_per_class=1, sizes=(16, 16))
+    cfg = recipe(tmp_path, root)
+    cfg.run.data_check = "full"
+    opened = []
+    sniff_all = check.sniff_all
+    monkeypatch.setattr(
+        check, "sniff_all", lambda r, files: opened.append(len(files)) or sniff_all(r, files)
+    )
+    prepare_data(cfg)
+    prepare_data(cfg)
+    assert opened == [9]  # the second launch reused the first one's result
+    (root / "train" / "c000" / "new.JPEG").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="new.JPEG"):
+        prepare_data(cfg)
+    assert opened == [9, 10]

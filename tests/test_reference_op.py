@@ -7,14 +7,16 @@ backends: explicit loops over output pixels of a zero-padded input.
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
 
 from addertrain.bench.op import peak_bytes
 from addertrain.cli import main
+from addertrain.models.shapes import adder_layer_shapes
 from addertrain.nn import AdderConv2d
-from addertrain.ops import reference, unfold
+from addertrain.ops import native, reference, unfold
 
 CPU = torch.device("cpu")
 # kernel, stride, padding: every combination the models and the issue name
@@ -93,13 +95,28 @@ def run_op(ops, x, w, g, stride, padding, grad="full", input_grad="hardtanh"):
     )
 
 
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """Each fp32 case runs on the compiled kernels and on the torch path (what runs
+    without a C compiler, and for fp64 and CUDA)."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "usable", lambda t: False)
+    return request.param
+
+
+def test_native_kernels_build_where_a_compiler_exists():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert native.library() is not None
+        assert native.usable(torch.empty(1)) and not native.usable(torch.empty(1).double())
+
+
 def official_normalised(dw):
     """The release's in-backward normalisation: dW / ||dW|| * sqrt(numel) / 5."""
     return dw / dw.norm() * math.sqrt(dw.numel()) / 5
 
 
 @pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES)
-def test_reference_matches_definition(kernel, stride, padding):
+def test_reference_matches_definition(kernel, stride, padding, path):
     seed = 100 * kernel + 10 * stride + padding
     x, w, g = random_case(kernel, stride, padding, seed)
     expected = brute_force(x, w, g, stride, padding)
@@ -114,7 +131,7 @@ def test_reference_matches_definition(kernel, stride, padding):
     "grad,input_grad", [("sign", "hardtanh"), ("full", "full"), ("sign", "sign")]
 )
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 0), (7, 2, 3), (1, 2, 0)])
-def test_reference_ablation_rules_match_definition(kernel, stride, padding, grad, input_grad):
+def test_reference_ablation_rules_match_definition(kernel, stride, padding, grad, input_grad, path):
     x, w, g = random_case(kernel, stride, padding, seed=31 * kernel + 7 * stride + padding)
     expected = brute_force(x, w, g, stride, padding, grad, input_grad)
     for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
@@ -131,7 +148,7 @@ def test_reference_ablation_rules_match_definition(kernel, stride, padding, grad
 
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION))
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 0), (7, 2, 3), (1, 2, 0)])
-def test_reference_low_precision_accumulates_in_fp32(dtype, kernel, stride, padding):
+def test_reference_low_precision_accumulates_in_fp32(dtype, kernel, stride, padding, path):
     case = random_case(kernel, stride, padding, seed=7 * kernel + stride, channels=16)
     x, w, g = (t.to(dtype) for t in case)
     expected = brute_force(x, w, g, stride, padding)  # exact on the rounded inputs
@@ -155,7 +172,7 @@ def test_unfold_baseline_matches_definition_with_official_normalisation(kernel, 
 
 
 @pytest.mark.parametrize("backend", ["reference", "unfold"])
-def test_autograd_through_adder_conv2d(backend):
+def test_autograd_through_adder_conv2d(backend, path):
     x, w, g = random_case(3, 2, 1, seed=3)
     layer = AdderConv2d(w.shape[1], w.shape[0], 3, stride=2, padding=1, backend=backend)
     with torch.no_grad():
@@ -172,13 +189,13 @@ def test_autograd_through_adder_conv2d(backend):
 
 
 # (N, C, H, W, C_out, kernel, stride, padding): a 3x3 layer and a 7x7 strided one
-MEMORY_SHAPES = [(6, 8, 12, 12, 16, 3, 1, 1), (3, 4, 13, 11, 8, 7, 2, 3)]
+MEMORY_SHAPES = [(6, 8, 12, 12, 16, 3, 1, 1), (3, 4, 13, 11, 16, 7, 2, 3)]
 
 
 @pytest.mark.parametrize("chunk,block", [(1 << 12, 1 << 12), (1 << 16, 1 << 18)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", MEMORY_SHAPES)
-def test_reference_memory_stays_within_stated_bound(monkeypatch, shape, dtype, chunk, block):
+def test_reference_memory_stays_within_stated_bound(monkeypatch, shape, dtype, chunk, block, path):
     monkeypatch.setattr(reference, "CHUNK_ELEMENTS", chunk)
     monkeypatch.setattr(reference, "BLOCK_ELEMENTS", block)
     n, c, h, wd, o, k, s, p = shape
@@ -188,15 +205,11 @@ def test_reference_memory_stays_within_stated_bound(monkeypatch, shape, dtype, c
     oh, ow = reference.out_size(h, wd, k, k, s, p)
     g = torch.randn(n, o, oh, ow, generator=gen).to(dtype)
     bound = reference.extra_bytes_bound(x.shape, w.shape, s, p, dtype)
-    # the chunk buffer is always allocated by forward and grad_input: the measurement must see it
-    buffer = (
-        reference.chunk_rows(reference.block_images(n, oh * ow, c * k * k) * oh * ow, o, c * k * k)
-        * o
-        * c
-        * k
-        * k
-        * 4
-    )
+    # the torch path's forward and grad_input always allocate the chunk buffer: the
+    # measurement must see it; the native path allocates at least the block's patch rows
+    kp = reference.padded(c * k * k)
+    rows = reference.block_images(n, oh * ow, kp) * oh * ow
+    buffer = (reference.chunk_rows(rows, o, kp) * o if path == "torch" else rows) * kp * 4
     broadcast = o * c * k * k * n * oh * ow * 4
     assert bound < broadcast / 2, "shape too small to tell chunking from broadcasting"
     for op, call in (
@@ -234,6 +247,15 @@ def test_bench_op_quick_writes_table_and_json(tmp_path, capsys):
         assert r["speedup"] == pytest.approx(r["unfold_ms"] / r["reference_ms"])
         assert r["reference_peak_bytes"] > 0 and r["unfold_peak_bytes"] > 0
     assert {r["op"] for r in layers} == {"forward", "grad_input", "grad_weight"}
+    # adder ops are stated against the measured ceiling; the GEMM weight gradient is not
+    assert result["ceiling_elements_per_s"] > 0 and "ref of ceiling" in table
+    shapes = {layer.name: layer for layer in adder_layer_shapes("resnet20", 2, image=32)}
+    for r in layers:
+        if r["op"] == "grad_weight":
+            assert "reference_elements_per_s" not in r
+        else:
+            expected = shapes[r["layer"]].elements / r["reference_ms"] * 1e3
+            assert r["reference_elements_per_s"] == pytest.approx(expected)
     assert "resnet20 train step" in table and "speedup" in table
     assert table.count("\n") >= len(layers) + 3
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from addertrain import opcount, report
+from addertrain import opcount, phases, report
 from addertrain.cli import main
 from addertrain.metrics import MetricsLog, read_records
 from conftest import cli
@@ -212,6 +212,15 @@ def test_report_reads_a_real_run(tmp_path):
     assert t["status"] == ["completed"] and t["steps"] == [str(result["steps"])]
     assert t["final top-1"] == [f"{result['eval']['top1']:.2f}%"]
     assert t["wall time"] == [f"{result['wall_s']:.0f} s"]
+    # where the time went: the console's summary line, then a row per phase, adding up to
+    # the wall time with "untimed" the rest
+    assert phases.summary_line(result) in launched.stdout + launched.stderr
+    assert {"workers", "engine", "first_step", "training", "evaluation"} <= set(result["phases"])
+    assert sum(result["phases"].values()) == pytest.approx(result["wall_s"], abs=0.01)
+    assert result["phase_counts"]["training"] == result["steps"] - 1
+    for name, seconds in result["phases"].items():
+        label = phases.LABELS.get(name, name)
+        assert t[f"phase {label}"] == [phases.describe(name, seconds, result["phase_counts"])]
     # every adder layer of the ResNet-20 (18 in the blocks, 2 shortcuts), at every logged step
     series = report.alr_series(report.load(str(run_dir)))
     assert len(series) == 20

@@ -163,6 +163,8 @@ def bench_layers(batch: int, repeats: int, device) -> list[dict]:
             }
             row = _pair(measure(calls, repeats, device))
             row.update(layer=layer.name, count=layer.count, op=op)
+            if op != "grad_weight":  # a GEMM: adder elements are not what it computes
+                row["reference_elements_per_s"] = layer.elements / row["reference_ms"] * 1e3
             rows.append(row)
     return rows
 
@@ -230,21 +232,33 @@ def format_table(result: dict) -> str:
         f"{'layer':<22} {'op':<12} {'reference ms':>12} {'unfold ms':>10} {'speedup':>8} "
         f"{'ref peak MiB':>12} {'unfold peak MiB':>15} {'mem ratio':>9}"
     )
+    ceiling = result.get("ceiling_elements_per_s")
+    if ceiling:
+        head += f" {'ref of ceiling':>14}"
     lines = [head, "-" * len(head)]
 
     def line(name, op, r):
         ratio = f"{r['memory_ratio']:.1f}" if r["memory_ratio"] else "-"
-        return (
+        text = (
             f"{name:<22} {op:<12} {r['reference_ms']:>12.1f} {r['unfold_ms']:>10.1f} "
             f"{r['speedup']:>7.1f}x {r['reference_peak_bytes'] / MIB:>12.1f} "
             f"{r['unfold_peak_bytes'] / MIB:>15.1f} {ratio:>9}"
         )
+        if ceiling:
+            rate = r.get("reference_elements_per_s")
+            text += f" {f'{rate / ceiling:.0%}' if rate else '-':>14}"
+        return text
 
     for r in result["layers"]:
         lines.append(line(f"{r['layer']} x{r['count']}", r["op"], r))
     if result.get("step"):
         lines.append("-" * len(head))
         lines.append(line("resnet20 train step", "fwd+bwd+sgd", result["step"]))
+    if ceiling:
+        lines.append(
+            f"ceiling: {ceiling / 1e9:.1f} G adder elements/s on {result['threads']} threads "
+            "(the forward's inner loop with its operands in registers; docs/reference-op.md)"
+        )
     return "\n".join(lines)
 
 
@@ -286,6 +300,8 @@ def run(args) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    from addertrain.ops import native
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -305,6 +321,9 @@ def run(args) -> int:
                 if device.type == "cuda"
                 else "CPU: torch.profiler memory events (profile_memory=True)"
             )
+        ),
+        "ceiling_elements_per_s": (
+            native.peak_elements_per_s(torch.get_num_threads()) if device.type == "cpu" else None
         ),
         "layers": bench_layers(args.batch, args.repeats, device),
         "step": None if args.no_step else bench_step(args.batch, args.repeats, device),

@@ -58,6 +58,12 @@ def build_loader(
         return build_array_loader(
             d, split, batch, rank, world, device, cfg.run.seed, training, group
         )
+    if d.source == "packed":
+        from addertrain.data.dali import build_packed_loader
+
+        return build_packed_loader(
+            d, split, batch, rank, world, device, cfg.run.seed, training, group
+        )
     from addertrain.data.dali import build_folder_loader
 
     return build_folder_loader(

@@ -8,6 +8,7 @@ cheaply enough to run at every training start.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,21 @@ def _split_members(root: Path, split: str, problems: dict) -> dict[str, list[str
     return members
 
 
+def _by_class_name(members: dict, classes: list[str], split: str, problems: dict) -> dict:
+    """A file list's {label: files} as {class name: files}: its labels index the training
+    classes (e.g. a flat ILSVRC val/ with a `val.txt` of numeric labels beside a training
+    split of wnid folders)."""
+    named = {}
+    for label, files in members.items():
+        if int(label) < len(classes):
+            named[classes[int(label)]] = files
+        else:
+            problems["unknown_val_class"].append(
+                f"{split}: label {label} ({len(files)} files; training has {len(classes)} classes)"
+            )
+    return named
+
+
 def layout(root: str | Path, train_split: str, val_split: str) -> tuple[dict, dict]:
     """The splits' members and the layout problems (everything but file contents)."""
     root = Path(root).expanduser()
@@ -107,12 +123,51 @@ def layout(root: str | Path, train_split: str, val_split: str) -> tuple[dict, di
             problems["no_images"].append(split)
     if train is not None:
         problems["empty_class"] += [f"{train_split}/{c}" for c, files in train.items() if not files]
+    if val is not None and (root / val_split).is_file() and (root / train_split).is_dir():
+        val = _by_class_name(val, list(train), val_split, problems)
     if train is not None and val is not None:
         problems["unknown_val_class"] += [f"{val_split}/{c}" for c in val if c not in train]
         problems["missing_from_val"] += [
             f"{train_split}/{c}" for c, files in train.items() if files and not val.get(c)
         ]
     return {train_split: train or {}, val_split: val or {}}, problems
+
+
+CHECK_CACHE = "dataset-check.json"
+
+
+def _tree_key(root: Path, splits: dict, files: list[str]) -> str:
+    """A digest of the listing and of the modification times of every folder holding a
+    checked file (and of file-list splits): adding, removing or renaming an image changes its
+    folder's mtime. An image rewritten in place under the same name does not; `addertrain
+    data check` reads every byte."""
+    h = hashlib.sha256(str(root).encode())
+    for f in files:
+        h.update(f"{f}\n".encode())
+    folders = sorted({os.path.dirname(f) for f in files} | set(splits))
+    for d in folders:
+        try:
+            h.update(f"{d}\t{os.stat(root / d).st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{d}\tmissing\n".encode())
+    return h.hexdigest()
+
+
+def _cache_hit(path: Path, key: str) -> bool:
+    try:
+        return json.loads(path.read_text()).get("tree") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _save_cache(path: Path, key: str) -> None:
+    """Record a passed full check (reached only when no error was found)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps({"tree": key}) + "\n")
+        os.replace(tmp, path)
+    except OSError:  # a cache: the next launch checks again
+        tmp.unlink(missing_ok=True)
 
 
 def head_problem(head: bytes) -> str | None:
@@ -175,13 +230,20 @@ def check_listed(
     problems: dict,
     read: tuple[str, ...] | None = None,
     sample: int | None = None,
+    cache_dir: Path | None = None,
 ) -> dict:
     """:func:`quick_check` on the splits as :func:`layout` listed them, the training split
-    first (the launch indexes the dataset from the same listing)."""
+    first (the launch indexes the dataset from the same listing). ``cache_dir`` (the run
+    directory): a full check (no ``sample``) that passed there before on the same tree is
+    reused instead of opening every file again at each requeue."""
     train_split = next(iter(splits))
     files = [f for s in (read or splits) for group in splits[s].values() for f in group]
     checked = even_sample(files, sample) if sample else files
-    problems["unreadable"] += sniff_all(root, checked)
+    key = _tree_key(root, splits, checked) if cache_dir is not None and not sample else None
+    cached = Path(cache_dir) / CHECK_CACHE if key else None
+    reused = bool(cached and _cache_hit(cached, key))
+    if not reused:
+        problems["unreadable"] += sniff_all(root, checked)
     errors = [
         f"{KINDS[k][1]}: {first_few(v, 3)}"
         for k, v in problems.items()
@@ -193,10 +255,12 @@ def check_listed(
             + "; ".join(errors)
             + f". Run `addertrain data check {root}` for a full report."
         )
+    if cached:
+        _save_cache(cached, key)
     return {
         "classes": len(splits[train_split]),
         "images": {s: sum(map(len, m.values())) for s, m in splits.items()},
-        "checked": len(checked),
+        "checked": 0 if reused else len(checked),  # files opened now
         "warnings": {k: len(v) for k, v in problems.items() if v},
     }
 
@@ -372,6 +436,10 @@ def run(args) -> int:
         raise UserError("--workers must be at least 1")
     if args.show < 0:
         raise UserError("--show must be 0 (all) or a positive number of files")
+    from addertrain.data import shards
+
+    if shards.is_packed(args.dir):
+        return _check_packed(args)
     source = array_source(args.dir)
     found = (
         scan_arrays(args.dir, source)
@@ -379,10 +447,40 @@ def run(args) -> int:
         else scan(args.dir, args.train_split, args.val_split, args.workers)
     )
     print(format_table(found, args.show))
-    if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(found, indent=1) + "\n")
-        except OSError as e:
-            raise UserError(f"cannot write the report to {args.json}: {e.strerror}") from None
-        print(f"report written to {args.json}")
+    _write_json(args.json, found)
     return 2 if found["errors"] else 0
+
+
+def _write_json(path: str | None, found: dict) -> None:
+    if not path:
+        return
+    try:
+        Path(path).write_text(json.dumps(found, indent=1) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write the report to {path}: {e.strerror}") from None
+    print(f"report written to {path}")
+
+
+def _check_packed(args) -> int:
+    """A packed set: every shard's sha256 and one decoded sample per shard, one line per
+    problem."""
+    from addertrain.data import shards
+
+    manifest = shards.load_manifest(args.dir)
+    problems = shards.verify_shards(manifest, workers=args.workers)
+    for s, info in manifest.splits.items():
+        print(
+            f"  {s:<10} {len(manifest.classes):>6} classes {info.samples:>9} samples "
+            f"in {len(info.shards)} shards"
+        )
+    for p in problems:
+        print(p)
+    print(
+        f"{len(problems)} problems: the packed dataset "
+        + ("cannot be trained on" if problems else "can be trained on")
+    )
+    _write_json(
+        args.json,
+        {"root": str(manifest.root), "packed": True, "problems": problems, "errors": len(problems)},
+    )
+    return 2 if problems else 0

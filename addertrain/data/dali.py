@@ -1,5 +1,6 @@
-"""DALI pipelines over one worker's shard of an ImageNet-format dataset (files decoded by
-DALI) or of a dataset held as uint8 arrays (CIFAR, MNIST: an external source).
+"""DALI pipelines over one worker's shard of an ImageNet-format dataset (files, or samples of
+packed shards read by offset, decoded by DALI) or of a dataset held as uint8 arrays (CIFAR,
+MNIST: an external source).
 
 One graph serves CUDA and CPU: on CUDA the decoder is "mixed" (nvJPEG) and the image
 operators run on the worker's local GPU; elsewhere the pipeline has ``device_id=None``
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +43,17 @@ def dali_device_id(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def pad_for_crop(images, size: int, pad: int):
+def op_seeds(seed: int):
+    """Seeds for a graph's random operators, in the order the graph creates them. DALI would
+    otherwise seed each operator by its place among all operators, so a file reader and an
+    external source in front of the same augmentation would draw different crops and flips."""
+    return iter(np.random.SeedSequence(seed).generate_state(8) >> 1)
+
+
+def pad_for_crop(images, size: int, pad: int, seeds):
     """``images`` zero-padded to (size + 2 pad) squared, and the random position of a size x
-    size window in it: one of the (2 pad + 1)^2 pixel offsets, each equally likely."""
+    size window in it: one of the (2 pad + 1)^2 pixel offsets, each equally likely
+    (``seeds``: from :func:`op_seeds`)."""
     from nvidia.dali import fn
 
     images = fn.crop(
@@ -51,17 +61,21 @@ def pad_for_crop(images, size: int, pad: int):
     )
     # k / (2 pad) puts the window's corner exactly on pixel k of the padded image
     positions = [k / (2 * pad) for k in range(2 * pad + 1)]
-    return images, fn.random.uniform(values=positions), fn.random.uniform(values=positions)
+    return (
+        images,
+        fn.random.uniform(values=positions, seed=next(seeds)),
+        fn.random.uniform(values=positions, seed=next(seeds)),
+    )
 
 
-def flip_and_normalize(images, d: DataConfig, training: bool, crop, pos_x, pos_y):
+def flip_and_normalize(images, d: DataConfig, training: bool, crop, pos_x, pos_y, seeds):
     """The last step of every image pipeline: the crop window (if any), a random horizontal
     flip when training with ``data.flip``, ``data.mean``/``data.std``, CHW floats."""
     from nvidia.dali import fn, types
 
     # the used channels' statistics, on the 0-255 pixel scale
     mean, std = [255 * m for m in d.mean[: d.channels]], [255 * s for s in d.std[: d.channels]]
-    mirror = fn.random.coin_flip(probability=0.5) if training and d.flip else 0
+    mirror = fn.random.coin_flip(probability=0.5, seed=next(seeds)) if training and d.flip else 0
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
@@ -75,16 +89,44 @@ def flip_and_normalize(images, d: DataConfig, training: bool, crop, pos_x, pos_y
     )
 
 
+def file_source(files: list[str], labels: list[int]):
+    """``read`` for :func:`build_pipeline`: DALI's file reader over ``files`` in list order."""
+
+    def read():
+        from nvidia.dali import fn
+
+        return fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
+
+    return read
+
+
+def batch_source(source):
+    """``read`` for :func:`build_pipeline`: ``source(info)`` returns a batch's encoded images
+    (uint8 arrays) and labels. It must be a function of ``info.iteration`` alone: DALI
+    checkpoints a callable source as its iteration, and a restored pipeline asks again."""
+
+    def read():
+        from nvidia.dali import fn
+
+        return fn.external_source(source, num_outputs=2, batch=True, batch_info=True)
+
+    return read
+
+
 def build_pipeline(
-    files: list[str],
-    labels: list[int],
+    read,
     d: DataConfig,
     training: bool,
     batch: int,
     device: torch.device,
     seed: int,
     checkpoint: bytes | None = None,
+    decode: bool = True,
 ):
+    """The decode and augmentation graph over encoded images from ``read()`` (a graph node
+    pair: encoded images, labels; see :func:`file_source` and :func:`batch_source`), so a
+    folder and packed shards decode alike. ``decode`` False: the graph returns the encoded
+    bytes (what ``addertrain bench data`` times as reading alone)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device.type == "cuda"
@@ -104,9 +146,10 @@ def build_pipeline(
         enable_checkpointing=True,
     )
     def graph():
-        jpegs, label = fn.readers.file(
-            files=files, labels=labels, random_shuffle=False, name="Reader"
-        )
+        jpegs, label = read()
+        if not decode:
+            return jpegs, label
+        seeds = op_seeds(seed)
         decoder = "mixed" if gpu else "cpu"
         crop, pos_x, pos_y = (size, size), 0.5, 0.5
         if training and d.random_resized_crop:
@@ -117,6 +160,7 @@ def build_pipeline(
                 random_area=list(d.crop_scale),
                 random_aspect_ratio=list(d.crop_ratio),
                 num_attempts=10,
+                seed=next(seeds),
             )
             images = fn.resize(images, resize_x=size, resize_y=size)
             crop = None
@@ -125,10 +169,11 @@ def build_pipeline(
             shorter = size if training else (d.eval_resize or default_eval_resize(size))
             images = fn.resize(images, resize_shorter=shorter)
             if training and d.pad_crop:
-                images, pos_x, pos_y = pad_for_crop(images, size, d.pad_crop)
+                images, pos_x, pos_y = pad_for_crop(images, size, d.pad_crop, seeds)
             elif training:
-                pos_x, pos_y = fn.random.uniform(range=(0, 1)), fn.random.uniform(range=(0, 1))
-        return flip_and_normalize(images, d, training, crop, pos_x, pos_y), label
+                pos_x = fn.random.uniform(range=(0, 1), seed=next(seeds))
+                pos_y = fn.random.uniform(range=(0, 1), seed=next(seeds))
+        return flip_and_normalize(images, d, training, crop, pos_x, pos_y, seeds), label
 
     return graph(checkpoint=checkpoint)
 
@@ -138,6 +183,7 @@ class ShardLoader:
     says how a pipeline reads the samples at given indices (``_pipeline``)."""
 
     reader_name: str | None = "Reader"
+    repair = "replace it with a readable image"  # what to do about an image DALI cannot decode
 
     def __init__(
         self,
@@ -186,16 +232,22 @@ class ShardLoader:
         self.epoch, self.step, self._start = epoch, step, step
         self._restored = self._iterator = None
 
+    def epoch_layout(self) -> tuple[np.ndarray, list[int]]:
+        """This worker's sample indices for the current epoch and the valid count per step."""
+        order = sharding.epoch_order(
+            self.fingerprint["samples"], self.seed, self.epoch, self.training
+        )
+        indices, valid = sharding.shard_layout(
+            order, self.num_shards, self.batch, self.shard_id, self.group
+        )
+        # held for the whole epoch: 4 bytes a sample instead of 8 (5 MB per 1.28 M)
+        return indices.astype(np.uint32 if len(order) < 2**32 else np.int64), valid
+
     def _open(self):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        order = sharding.epoch_order(
-            self.fingerprint["samples"], self.seed, self.epoch, self.training
-        )
-        indices, self._valid = sharding.shard_layout(
-            order, self.num_shards, self.batch, self.shard_id, self.group
-        )
+        indices, self._valid = self.epoch_layout()
         seed = int(
             np.random.SeedSequence([self.seed, self.epoch, self.shard_id]).generate_state(1)[0] >> 1
         )
@@ -230,9 +282,8 @@ class ShardLoader:
                 )
                 raise
             raise UserError(
-                f"the image decoder failed on {broken}; replace it with a readable "
-                "image and resume with --resume auto (`addertrain data check "
-                f"{self.cfg.root}` finds any others)"
+                f"the image decoder failed on {broken}; {self.repair} and resume with "
+                f"--resume auto (`addertrain data check {self.cfg.root}` finds any others)"
             ) from None
 
     def __iter__(self):
@@ -286,7 +337,13 @@ class FolderLoader(ShardLoader):
         self._files = [self.index.files[i] for i in indices]
         labels = [self.index.labels[i] for i in indices]
         return build_pipeline(
-            self._files, labels, self.cfg, self.training, self.batch, self.device, seed, checkpoint
+            file_source(self._files, labels),
+            self.cfg,
+            self.training,
+            self.batch,
+            self.device,
+            seed,
+            checkpoint,
         )
 
     def _broken_file(self) -> str | None:
@@ -300,6 +357,96 @@ class FolderLoader(ShardLoader):
             if error:
                 return f"{path} ({error})"
         return None
+
+
+class PackedLoader(ShardLoader):
+    """Packed shards (``data.source: packed``): the sample table memory-mapped (shared by the
+    workers of a node through the page cache), the samples of each batch read by offset into
+    an external source and decoded by the same graph as a folder's files."""
+
+    reader_name = None  # the external source ends the epoch; the loader counts its steps
+    repair = "repack the dataset from a source holding a readable copy"
+
+    def __init__(self, root: str | Path, split: str, d: DataConfig, *layout, **kw):
+        """``layout``: ShardLoader's arguments after ``d``."""
+        from addertrain.data import shards
+        from addertrain.data.packed import ShardReader, split_digest
+
+        self.root, self.split = Path(root).expanduser(), split
+        manifest = shards.load_manifest(self.root)
+        if split not in manifest.splits:
+            raise UserError(
+                f"packed dataset {self.root} has no split {split!r} (it has "
+                f"{', '.join(manifest.splits)}); set data.train_split/data.val_split to one of them"
+            )
+        info = manifest.splits[split]
+        super().__init__(
+            info.samples, split_digest(manifest.classes, info.shards), d, *layout, **kw
+        )
+        self.table = shards.sample_table(self.root, split)
+        self.reader = ShardReader(self.root, [s.name for s in info.shards], d.threads)
+        # the pipeline's source holds the reader too: close its files with the loader
+        weakref.finalize(self, self.reader.close)
+        self._indices = np.zeros(0, np.int64)  # the rows the current epoch's pipeline reads
+
+    def source(self, indices: np.ndarray):
+        """The external source's callable over the sample-table rows ``indices``, a batch per
+        iteration (a function of the iteration alone: see batch_source)."""
+        table, reader, batch = self.table, self.reader, self.batch
+        steps = len(indices) // batch
+
+        def source(info):
+            if info.iteration >= steps:
+                raise StopIteration
+            rows = table[indices[info.iteration * batch : (info.iteration + 1) * batch]]
+            return reader.read(rows), rows["label"].astype(np.int32)[:, None]
+
+        return source
+
+    def _pipeline(self, indices, seed, checkpoint):
+        self._indices = indices
+        return build_pipeline(
+            batch_source(self.source(indices)),
+            self.cfg,
+            self.training,
+            self.batch,
+            self.device,
+            seed,
+            checkpoint,
+        )
+
+    def _broken_file(self) -> str | None:
+        """ "shard member (why)" of the first sample from the current batch on (as far as DALI
+        reads ahead) that Pillow cannot decode either, or None."""
+        from addertrain.data.packed import decode_problem, sample_key
+
+        start = (self.step - self._start) * self.batch
+        for row in self._indices[start : start + READ_AHEAD * self.batch].tolist():
+            sample = self.table[row]
+            data = self.reader.read(self.table[row : row + 1])[0].tobytes()
+            error = decode_problem(data)
+            if error:
+                shard = self.reader.names[int(sample["shard"])]
+                key = sample_key(self.root, self.split, row)
+                return f"{self.root / shard} member {key}.jpg ({error})"
+        return None
+
+
+def build_packed_loader(
+    d: DataConfig,
+    split: str,
+    batch: int,
+    shard_id: int,
+    num_shards: int,
+    device: torch.device,
+    seed: int,
+    training: bool,
+    group: int = 1,
+) -> PackedLoader:
+    """The loader of ``split`` ("train" or "val") of the packed dataset at ``data.root``;
+    ``seed`` as for :func:`build_folder_loader`."""
+    name = d.train_split if split == "train" else d.val_split
+    return PackedLoader(d.root, name, d, training, batch, shard_id, num_shards, device, seed, group)
 
 
 def build_folder_loader(
@@ -370,11 +517,11 @@ def build_array_pipeline(
             image = image.gpu()
         if images.shape[1:3] != (size, size):
             image = fn.resize(image, resize_x=size, resize_y=size)
-        crop, pos_x, pos_y = None, 0.5, 0.5
+        crop, pos_x, pos_y, seeds = None, 0.5, 0.5, op_seeds(seed)
         if pad:
-            image, pos_x, pos_y = pad_for_crop(image, size, pad)
+            image, pos_x, pos_y = pad_for_crop(image, size, pad, seeds)
             crop = (size, size)
-        return flip_and_normalize(image, d, training, crop, pos_x, pos_y), label
+        return flip_and_normalize(image, d, training, crop, pos_x, pos_y, seeds), label
 
     return graph(checkpoint=checkpoint)
 

@@ -31,6 +31,8 @@ def prepare_data(cfg: Config, training: bool = True) -> list[str] | None:
         if training:
             check_epoch_fits(cfg, images, full_batches_only=False)
         return classes
+    if cfg.data.source == "packed":
+        return check_packed(cfg, training)
     if cfg.data.source != "folder":
         if training:
             # SyntheticLoader drops a ragged tail: an epoch is size // global_batch steps
@@ -58,6 +60,8 @@ def prepare_data(cfg: Config, training: bool = True) -> list[str] | None:
         problems,
         read=(d.train_split, d.val_split) if training else (d.val_split,),
         sample=SAMPLE if cfg.run.data_check == "sample" else None,
+        # a requeue of the run does not open every file of an unchanged tree again
+        cache_dir=cfg.run_dir() if training else None,
     )
     LOG.info(
         f"dataset {root}: {found['images'][d.train_split]} training and "
@@ -89,6 +93,41 @@ def prepare_data(cfg: Config, training: bool = True) -> list[str] | None:
             cfg.run_dir(),
         )
     return classes
+
+
+def check_packed(cfg: Config, training: bool) -> list[str]:
+    """What launch checks of packed shards: the manifest (its format and classes) and that
+    every shard the run reads is there at its recorded size. A stat per shard, never a read
+    of a sample, so it takes seconds at ImageNet size and run.data_check does not apply
+    (`addertrain data check` verifies the shards' sha256). Returns the class names."""
+    from addertrain.data.shards import load_manifest, stat_shards
+
+    d = cfg.data
+    start = time.perf_counter()
+    manifest = load_manifest(Path(d.root).expanduser())
+    splits = (d.train_split, d.val_split) if training else (d.val_split,)
+    for split in splits:
+        if split not in manifest.splits:
+            raise UserError(
+                f"packed dataset {manifest.root} has no split {split!r} (it has "
+                f"{', '.join(manifest.splits)}); set data.train_split/data.val_split to one of them"
+            )
+        stat_shards(manifest, split)
+    if len(manifest.classes) != cfg.model.num_classes:
+        raise UserError(
+            f"packed dataset {manifest.root} has {len(manifest.classes)} classes but "
+            f"model.num_classes is {cfg.model.num_classes}; set model.num_classes="
+            f"{len(manifest.classes)} or point data.root at the intended dataset"
+        )
+    counts = ", ".join(f"{manifest.splits[s].samples} {s}" for s in splits)
+    shards = sum(len(manifest.splits[s].shards) for s in splits)
+    LOG.info(
+        f"packed dataset {manifest.root}: {counts} samples in {shards} shards; manifest and "
+        f"shard sizes checked in {time.perf_counter() - start:.2f} s"
+    )
+    if training:
+        check_epoch_fits(cfg, manifest.splits[d.train_split].samples, full_batches_only=False)
+    return manifest.classes
 
 
 def _index(root: Path, split: str, members: dict[str, list[str]], classes: list[str]) -> SplitIndex:

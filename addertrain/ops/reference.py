@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from addertrain.ops import native
+
 CHUNK_ELEMENTS = 1 << 21  # elements of the [R, C_out, K] buffer
 BLOCK_ELEMENTS = 1 << 21  # elements of one block's patch rows (at least one image)
 
@@ -44,6 +46,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def out_size(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
     return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+
+
+def padded(k: int) -> int:
+    """Width of a patch row: ``K`` rounded up to the native kernels' vector width."""
+    return -(-k // native.WIDTH) * native.WIDTH
 
 
 def block_images(n: int, pixels: int, k: int) -> int:
@@ -59,7 +66,7 @@ def extra_bytes_bound(x_shape, w_shape, stride: int, padding: int, dtype: torch.
     n, c, h, w = x_shape
     o, _, kh, kw = w_shape
     oh, ow = out_size(h, w, kh, kw, stride, padding)
-    pixels, k = oh * ow, c * kh * kw
+    pixels, k = oh * ow, padded(c * kh * kw)
     b = block_images(n, pixels, k)
     r = chunk_rows(b * pixels, o, k)
     elements = b * (c * (h + 2 * padding) * (w + 2 * padding) + pixels * (k + o)) + (r + 3) * o * k
@@ -92,34 +99,51 @@ class _Geometry:
         self.stride, self.padding = stride, padding
         self.oh, self.ow = out_size(self.h, self.w, self.kh, self.kw, stride, padding)
         self.k = self.c * self.kh * self.kw
+        self.kp = padded(self.k)
         self.dtype = acc_dtype(x.dtype)
-        self.images = block_images(self.n, self.oh * self.ow, self.k)
+        self.native = native.usable(x.new_empty((), dtype=self.dtype))
+        self.images = block_images(self.n, self.oh * self.ow, self.kp)
 
     def blocks(self):
         for start in range(0, self.n, self.images):
             yield slice(start, min(self.n, start + self.images))
 
     def cols(self, x):
-        """``[images*OH*OW, K]`` patch rows of ``x`` in the accumulation dtype."""
+        """``[images*OH*OW, Kp]`` patch rows of ``x`` in the accumulation dtype, zero past K
+        (zeros add nothing to any rule: ``|0 - 0| = 0``)."""
         xp = _channels_last(x, self.dtype, self.padding)
-        return _patch_view(xp, self.kh, self.kw, self.stride, self.oh, self.ow).reshape(-1, self.k)
+        patches = _patch_view(xp, self.kh, self.kw, self.stride, self.oh, self.ow)
+        cols = xp.new_empty((x.shape[0] * self.oh * self.ow, self.kp))
+        cols[:, self.k :].zero_()
+        self._unpad(cols).copy_(patches)
+        return cols
+
+    def _unpad(self, cols):
+        """``[images, OH, OW, kh, kw, C]`` view of the first K columns of patch rows."""
+        return (
+            cols[:, : self.k]
+            .unflatten(0, (-1, self.oh, self.ow))
+            .unflatten(-1, (self.kh, self.kw, self.c))
+        )
 
     def weight_rows(self, w):
-        return _channels_last(w, self.dtype).view(self.o, self.k)
+        """``[C_out, Kp]``, zero past K."""
+        rows = w.new_zeros((self.o, self.kp), dtype=self.dtype)
+        rows[:, : self.k].view(self.o, self.kh, self.kw, self.c).copy_(w.permute(0, 2, 3, 1))
+        return rows
 
     def chunk_buffer(self, like):
         return like.new_empty(
-            (chunk_rows(self.images * self.oh * self.ow, self.o, self.k), self.o, self.k),
+            (chunk_rows(self.images * self.oh * self.ow, self.o, self.kp), self.o, self.kp),
             dtype=self.dtype,
         )
 
     def fold(self, dcols):
-        """col2im: ``[images*OH*OW, K]`` patch gradients -> ``[images, C, H, W]`` view."""
-        images = dcols.shape[0] // (self.oh * self.ow)
+        """col2im: ``[images*OH*OW, Kp]`` patch gradients -> ``[images, C, H, W]`` view."""
+        source = self._unpad(dcols)
         p = self.padding
-        gxp = dcols.new_zeros((images, self.h + 2 * p, self.w + 2 * p, self.c))
+        gxp = dcols.new_zeros((source.shape[0], self.h + 2 * p, self.w + 2 * p, self.c))
         target = _patch_view(gxp, self.kh, self.kw, self.stride, self.oh, self.ow)
-        source = dcols.view(images, self.oh, self.ow, self.kh, self.kw, self.c)
         for i in range(self.kh):
             for j in range(self.kw):
                 target[:, :, :, i, j].add_(source[:, :, :, i, j])
@@ -135,34 +159,42 @@ def _row_chunks(rows: int, size: int):
 # freed before the next block's are allocated.
 
 
-def _block_distances(geo, xb, w2, buf):
-    """``[rows, C_out]`` sums ``sum_k |x - w|`` for one block."""
+def _block_outputs(geo, xb, w2, buf):
+    """``[images, C_out, OH, OW]`` outputs ``-sum_k |x - w|`` of one block; ``w2`` is the
+    weight transposed to ``[K, ldw]`` on the native path."""
     cols = geo.cols(xb)
-    dist = cols.new_empty((cols.shape[0], geo.o))
-    for rows in _row_chunks(cols.shape[0], buf.shape[0]):
-        b = buf[: rows.stop - rows.start]
-        torch.sub(cols[rows, None], w2, out=b).abs_()
-        torch.sum(b, 2, out=dist[rows])
-    return dist.view(-1, geo.oh, geo.ow, geo.o).permute(0, 3, 1, 2)
+    if geo.native:
+        y = native.forward_rows(cols, w2, geo.k, geo.o)
+    else:
+        y = cols.new_empty((cols.shape[0], geo.o))
+        for rows in _row_chunks(cols.shape[0], buf.shape[0]):
+            b = buf[: rows.stop - rows.start]
+            torch.sub(cols[rows, None], w2, out=b).abs_()
+            torch.sum(b, 2, out=y[rows])
+        y.neg_()
+    return y.view(-1, geo.oh, geo.ow, geo.o).permute(0, 3, 1, 2)
 
 
-# The input-gradient rules, applied in place to a chunk of ``w - x`` (addertrain/nn/adder.py).
-INPUT_RULES = {
-    "hardtanh": lambda d: d.clamp_(-1, 1),
-    "full": lambda d: d,
-    "sign": torch.Tensor.sign_,
-}
+# The elementwise input-gradient rules, applied in place to a chunk of ``w - x``
+# (addertrain/nn/adder.py); "full" is linear in ``w - x``, so it needs no elementwise pass.
+INPUT_RULES = {"hardtanh": lambda d: d.clamp_(-1, 1), "sign": torch.Tensor.sign_}
 
 
 def _block_patch_grads(geo, xb, gb, w2, buf, rule):
-    """``[rows, K]`` patch gradients ``sum_o g rule(w - x)`` for one block."""
+    """``[rows, Kp]`` patch gradients ``sum_o g rule(w - x)`` for one block."""
     cols = geo.cols(xb)
-    g2 = _channels_last(gb, geo.dtype).view(-1, 1, geo.o)
+    g2 = _channels_last(gb, geo.dtype).view(-1, geo.o)
+    if rule == "full":
+        # sum_o g (w - x) = g @ W - x * sum_o g: one GEMM and a rank-1 term
+        return cols.mul_(g2.sum(1, keepdim=True).neg_()).addmm_(g2, w2)
+    if geo.native:
+        native.grad_input_rows(cols, w2, g2, rule)
+        return cols
     for rows in _row_chunks(cols.shape[0], buf.shape[0]):
         b = buf[: rows.stop - rows.start]
         INPUT_RULES[rule](torch.sub(w2, cols[rows, None], out=b))
         # the chunk's rows are consumed once b holds them, so they take the result
-        torch.bmm(g2[rows], b, out=cols[rows, None])
+        torch.bmm(g2[rows, None], b, out=cols[rows, None])
     return cols
 
 
@@ -187,18 +219,24 @@ def _block_weight_grad(geo, xb, gb, gw, gsum):
 def forward(x, w, stride, padding):
     geo = _Geometry(x, w, stride, padding)
     y = x.new_empty((geo.n, geo.o, geo.oh, geo.ow))
-    w2 = geo.weight_rows(w)
-    buf = geo.chunk_buffer(x)
+    w2, buf = geo.weight_rows(w), None
+    if geo.native:
+        # [K, ldw]: the kernel reads 16 filters' weights of one k as one vector
+        wt = w2.new_zeros((geo.k, padded(geo.o)))
+        wt[:, : geo.o].copy_(w2[:, : geo.k].t())
+        w2 = wt
+    else:
+        buf = geo.chunk_buffer(x)
     for images in geo.blocks():
-        y[images].copy_(_block_distances(geo, x[images], w2, buf))
-    return y.neg_()
+        y[images].copy_(_block_outputs(geo, x[images], w2, buf))
+    return y
 
 
 def grad_weight(g, x, w, stride, padding, rule="full"):
     """``full``: ``dW[o,k] = sum_p g[p,o] x[p,k] - W[o,k] sum_p g[p,o]``, a GEMM per block and a
     rank-1 term; ``sign``: ``dW[o,k] = sum_p g[p,o] sign(x[p,k] - W[o,k])``."""
     geo = _Geometry(x, w, stride, padding)
-    gw = x.new_zeros((geo.o, geo.k), dtype=geo.dtype)
+    gw = x.new_zeros((geo.o, geo.kp), dtype=geo.dtype)
     if rule == "sign":
         w2, buf = geo.weight_rows(w), geo.chunk_buffer(x)
         for images in geo.blocks():
@@ -210,19 +248,19 @@ def grad_weight(g, x, w, stride, padding, rule="full"):
         gw.addcmul_(geo.weight_rows(w), gsum[:, None], value=-1)
     else:
         raise ValueError(f"weight gradient rule {rule!r} is not full or sign")
-    gw = gw.view(geo.o, geo.kh, geo.kw, geo.c).permute(0, 3, 1, 2)
+    gw = gw[:, : geo.k].unflatten(1, (geo.kh, geo.kw, geo.c)).permute(0, 3, 1, 2)
     return gw.to(w.dtype, memory_format=torch.contiguous_format)
 
 
 def grad_input(g, x, w, stride, padding, rule="hardtanh"):
     """``dX_col[p,k] = sum_o g[p,o] rule(W[o,k] - X[p,k])``, folded back (col2im); the rule
     is one of INPUT_RULES, the paper's ``clamp(., -1, 1)`` by default."""
-    if rule not in INPUT_RULES:
-        raise ValueError(f"input gradient rule {rule!r} is not one of {', '.join(INPUT_RULES)}")
+    if rule not in (*INPUT_RULES, "full"):
+        raise ValueError(f"input gradient rule {rule!r} is not hardtanh, full or sign")
     geo = _Geometry(x, w, stride, padding)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     w2 = geo.weight_rows(w)
-    buf = geo.chunk_buffer(x)
+    buf = None if geo.native or rule == "full" else geo.chunk_buffer(x)
     for images in geo.blocks():
         gx[images].copy_(geo.fold(_block_patch_grads(geo, x[images], g[images], w2, buf, rule)))
     return gx
