@@ -220,7 +220,7 @@ def train(cfg: config.Config, args, notes: list[str], started: float) -> int:
     wall = ended - started
     result = json.loads((run_dir / "result.json").read_text())
     result.update(
-        wall_s=round(wall, 1), notes=notes, **timeline(result, phases, handoff, ended, wall)
+        wall_s=round(wall, 3), notes=notes, **timeline(result, phases, handoff, ended, wall)
     )
     from addertrain.distributed import launcher_rank
 

@@ -13,9 +13,9 @@
 #                  for all bundles but the last, then carry the last and run this script
 #   CPU run:       PYTHON=.venv/bin/python OUT=/tmp/out scripts/gpu_check.sh
 #
-# Without a GPU every section runs at CPU size: a tiny dataset, a ResNet-20 at 8 px through
-# the same Ray + DALI (CPU decode) + Triton (interpreter) + DeepSpeed (gloo) launch, the kernel
-# tests and `bench kernels --quick` under the interpreter, the compiler report (sm_90).
+# Without a GPU every section runs at CPU size: a tiny dataset, a ResNet-20 at 8 px and batch 2
+# through the same Ray + DALI (CPU decode) + Triton (interpreter) + DeepSpeed (gloo) launch, the
+# kernel tests and `bench kernels --quick` under the interpreter, the compiler report (sm_90).
 # GPU_CHECK_ONLY="fullstack data" runs only the named sections; each section has its own time
 # limit, a failure never stops the next one, and no section starts after GPU_CHECK_TOTAL_S
 # seconds (default 540).
@@ -95,10 +95,10 @@ else
     export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu
     SOURCE="--data $DATA"
     JOBS=2 CLASSES=4 PER_JOB=2 VAL_PER_JOB=1 MIN_SIDE=12 MAX_SIDE=32
-    SIZES="--batch 4 --steps 4 --sigterm-at 1 --warmup-steps 1"
+    SIZES="--batch 2 --steps 3 --sigterm-at 1 --warmup-steps 1"
     OVERRIDES="$FULLSTACK distributed.gpus_per_worker=0 distributed.cpus_per_worker=1 \
         model.num_classes=$CLASSES model.arch=resnet20 data.image_size=8 data.eval_resize=10 \
-        data.threads=1 train.micro_batch=4 checkpoint.interval_steps=2"
+        data.threads=1 train.micro_batch=2 checkpoint.interval_steps=2"
     FULLSTACK_S=900
 fi
 

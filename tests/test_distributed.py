@@ -178,6 +178,7 @@ def test_unreachable_address_fails_fast(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_digits_recipe_with_two_ray_workers(tmp_path):
     """The README's main job, shortened: embedded Ray, 2 workers, the DALI CPU pipeline, the
     recipe's relative data.root (prepared on first use; workers run in another directory)."""

@@ -349,6 +349,7 @@ def ray_reference(runs):
     return runs / "ray-ref"
 
 
+@pytest.mark.slow
 def test_ray_restarts_a_killed_worker_from_the_checkpoint(runs, ray_reference):
     proc = start(*RAY, f"run.dir={runs}", "run.name=ray-killed")
     wait_for_step(proc, runs / "ray-killed", KILL_AFTER)
@@ -405,11 +406,13 @@ def preempt_and_resume(runs: Path, name: str, *extra: str) -> Path:
     return runs / name
 
 
+@pytest.mark.slow
 def test_sigterm_under_ray_checkpoints_and_exits_75(runs, ray_reference):
     # ray.init installs its own fatal-signal handler for SIGTERM: ours must win
     assert_same_run(preempt_and_resume(runs, "ray-signalled"), ray_reference)
 
 
+@pytest.mark.slow
 def test_bn_reestimation_changes_only_what_is_evaluated_and_exported(runs, ray_reference):
     from test_training import assert_reported_equals_export
 

@@ -48,6 +48,7 @@ def test_every_grid_point_is_checked_before_any_trial_starts(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_trials_on_ray_run_in_parallel_and_a_second_sweep_keeps_them(tmp_path):
     """Two Ray-executor runs at once on the sweep's embedded cluster, each an ordinary run
     directory with its own value; the same command again reruns nothing."""
