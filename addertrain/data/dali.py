@@ -418,7 +418,8 @@ class PackedLoader(ShardLoader):
     def _broken_file(self) -> str | None:
         """ "shard member (why)" of the first sample from the current batch on (as far as DALI
         reads ahead) that Pillow cannot decode either, or None."""
-        from addertrain.data.packed import decode_problem, sample_key
+        from addertrain.data.packed import sample_key
+        from addertrain.data.shards import decode_problem
 
         start = (self.step - self._start) * self.batch
         for row in self._indices[start : start + READ_AHEAD * self.batch].tolist():

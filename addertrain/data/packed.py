@@ -93,24 +93,6 @@ class ShardReader:
         self._fds.clear()
 
 
-def decode_problem(data: bytes) -> str | None:
-    """Why Pillow cannot decode ``data`` (as ``addertrain data check`` would say), or None."""
-    import io
-
-    from PIL import Image
-
-    from addertrain.data.check import HEAD, head_problem
-
-    if why := head_problem(data[:HEAD]):
-        return why
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-    except Exception as e:  # noqa: BLE001 - any decoder failure is the finding itself
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def sample_key(root: Path, split: str, row: int) -> str:
     """The key (tar member name without suffix) of sample-table row ``row``."""
     with open(root / f"{split}.keys.txt", encoding="utf-8") as f:
