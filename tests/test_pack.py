@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -216,6 +217,25 @@ def test_restart_keeps_finished_shards(folder, tmp_path):
     assert sha(dst / names[2]) == sha(ref / names[2])
 
 
+def test_a_repack_of_a_smaller_source_leaves_only_what_the_manifest_names(tmp_path):
+    src = write_fake(tmp_path / "src", 3, 8, 2, sizes=(16, 24))
+    dst = tmp_path / "p"
+    pack_folder(src, dst, 6000)
+    before = sorted(p.name for p in dst.glob("train-*.tar"))
+    for img in sorted((src / "train" / "c002").iterdir())[2:]:
+        img.unlink()
+    shutil.rmtree(src / "val")
+    pack_folder(src, dst, 6000)
+    m = shards.load_manifest(dst)
+    named = sorted(s.name for s in m.splits["train"].shards)
+    assert len(named) < len(before) and set(m.splits) == {"train"}
+    assert sorted(p.name for p in dst.glob("*.tar")) == named
+    assert sorted(p.name for p in dst.glob("*.idx")) == [shards.index_name(n) for n in named]
+    assert not list(dst.glob("val.*")) and m.splits["train"].per_class == [8, 8, 2]
+    r = cli("data", "check", dst)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def one_line_error(r, *words) -> None:
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
@@ -274,6 +294,14 @@ def test_bad_sources(folder, tmp_path):
 
     Image.new("RGB", (8, 8)).save(png / "train" / "c000" / "x.png")
     one_line_error(cli("data", "pack", png, tmp_path / "c"), "x.png", "not a JPEG")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("x.JPEG 0\n")
+    one_line_error(
+        cli("data", "pack", folder, tmp_path / "d", "--val-labels", labels),
+        "has class folders",
+        "leave out --val-labels",
+    )
+    assert not (tmp_path / "d" / "manifest.json").exists()
 
 
 def test_bad_destinations(folder, tmp_path):

@@ -140,6 +140,12 @@ def _folder_source(src: Path, devkit: Path | None, labels: Path | None):
             members = [_file_member(str(path / n)) for n in names]
             splits[split] = _split(members, y, str(path))
         else:
+            if split == "val" and (devkit or labels):
+                given = "--val-labels" if labels else "--devkit"
+                raise UserError(
+                    f"{path} has class folders, which give its labels; leave out {given} "
+                    "(it is for a flat validation folder)"
+                )
             index = index_split(src, split, classes)
             members = [_file_member(f) for f in index.files]
             splits[split] = _split(members, index.labels, str(path), by_class=True)
@@ -424,7 +430,21 @@ def pack(
         per_class = np.bincount(split.labels, minlength=len(classes)).tolist()
         infos[s] = SplitInfo(len(split.keys), per_class, shards)
     write_json_atomic(dst / MANIFEST, manifest_dict(classes, infos, source))
+    _remove_stale(dst, {name for s in plans for name, *_ in plans[s]}, set(plans))
     return dst / MANIFEST
+
+
+def _remove_stale(dst: Path, shards: set[str], splits: set[str]) -> None:
+    """Delete what an earlier pack of a larger source left and the manifest no longer names:
+    shards past the new count and their indexes and records, the tables of a dropped split.
+    Only after the manifest is written, so a kill in between leaves a complete set."""
+    for path in dst.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+        if path.name not in shards:
+            for stale in (path, dst / index_name(path.name), dst / STATE / f"{path.name}.json"):
+                stale.unlink(missing_ok=True)
+    for split in {"train", "val"} - splits:
+        table_path(dst, split).unlink(missing_ok=True)
+        keys_path(dst, split).unlink(missing_ok=True)
 
 
 def _write_table(dst: Path, split: str, table: np.ndarray, keys: list[str]) -> None:
