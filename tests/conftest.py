@@ -66,12 +66,14 @@ def preempt_while_paused(send, workers: list[int], run_dir: Path) -> None:
                 pass
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the marks added here
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        # the test Slurm cluster takes about a minute to start: its users stay out of -m "not slow"
+        if "slurm" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+        if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
 
 

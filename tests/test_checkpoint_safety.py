@@ -177,6 +177,7 @@ def test_eval_of_a_pickle_without_a_model_is_an_error(copy):
 # -- what DeepSpeed legitimately pickles ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_zero_1_checkpoint_verifies_and_resumes(tmp_path):
     # ZeRO optimizer states hold DeepSpeed's loss scaler, ZeRO stage and fragment addresses: plain
     # data the weights-only reads must accept (the verification and the workers' forced load)

@@ -255,6 +255,7 @@ def test_data_check_reports_a_cifar_folder_and_refuses_a_bad_one(c10, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_few_training_steps_of_the_recipe(c10, tmp_path):
     root, _ = c10
     out = cli(

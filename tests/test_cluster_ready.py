@@ -183,6 +183,7 @@ def split_cluster(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_worker_that_does_not_see_the_run_directory_stops_the_launch(split_cluster):
     address, auth, shared, hidden = split_cluster
     out = cli("launch", *TINY, f"run.dir={hidden / 'runs'}", "--address", address, env=auth)
@@ -215,6 +216,7 @@ def test_worker_checks_the_token_and_the_dataset_splits(tmp_path):
         nodes.check(cfg, token, 3, "n1 (10.0.0.2)")
 
 
+@pytest.mark.slow
 def test_launch_environment_reaches_workers_of_a_joined_cluster(split_cluster):
     """The cluster's workers inherit its environment, not the launch's: TRITON_*, NCCL_* ...
     set for the job travel with it (each worker records what it got in workers/rank<r>.json)."""

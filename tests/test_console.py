@@ -4,6 +4,8 @@ import logging
 import re
 from pathlib import Path
 
+import pytest
+
 from addertrain import console
 from conftest import cli
 
@@ -24,6 +26,7 @@ def launch(*args):
     return cli("launch", *args, timeout=600)
 
 
+@pytest.mark.slow
 def test_ray_run_prints_its_own_lines_and_little_else(tmp_path):
     out = launch(*TINY, f"run.dir={tmp_path}", "distributed.executor=ray", "distributed.workers=2")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -58,6 +58,7 @@ def train_losses(tmp_path, name, *overrides):
     return [r for r in read_records(tmp_path / name / "metrics.jsonl") if r["kind"] == "train"]
 
 
+@pytest.mark.slow
 def test_a_teacher_changes_the_loss_by_its_weight_alone(teacher, tmp_path):
     plain = train_losses(tmp_path, "plain")
     labels_only = train_losses(tmp_path, "alpha0", f"distill.teacher={teacher}", "distill.alpha=0")

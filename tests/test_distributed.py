@@ -91,6 +91,7 @@ TOLERANCE = 2e-3
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])
+@pytest.mark.slow
 def test_two_workers_match_one_worker_accumulating(reference, tmp_path, zero):
     ref_losses, ref_weights = reference
     losses, weights = train(tmp_path, f"w2-z{zero}", workers=2, micro=8, zero=zero)
@@ -98,6 +99,7 @@ def test_two_workers_match_one_worker_accumulating(reference, tmp_path, zero):
     assert relative_difference(weights, ref_weights, initial_weights()) < TOLERANCE
 
 
+@pytest.mark.slow
 def test_accumulation_inside_workers(ray_cluster, tmp_path):
     _, one = train(tmp_path, "w1-accum4", workers=1, micro=4)
     _, two = train(tmp_path, "w2-accum2", workers=2, micro=4)

@@ -368,6 +368,7 @@ def test_column_waste_pruner_keeps_tiles_that_fit():
     assert prune([wide, narrow], {"O": 5}) == [narrow]  # least waste when all waste
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_table_and_json(tmp_path, capsys):
     from addertrain.cli import main
 

@@ -45,6 +45,7 @@ def assert_one_line_error(out, *fragments):
 
 
 # -- bad input in a worker ---------------------------------------------------
+@pytest.mark.slow
 def test_worker_user_error_under_ray_is_one_line(ray_cluster, tmp_path):
     """train.device=cuda raises in the Ray worker (no CUDA here): one line, exit 2, and the
     new run directory is gone. The session's own Ray cluster is another Ray instance on the
@@ -119,6 +120,7 @@ def test_second_launch_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
         first.wait()
 
 
+@pytest.mark.slow
 def test_relaunching_a_finished_run_reports_it_without_training(tmp_path):
     """What docs/resume.md promises: no step and no evaluation run again."""
     first = launch(RECIPE, *TINY, f"run.dir={tmp_path}")

@@ -193,6 +193,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_report_reads_a_real_run(tmp_path):
     launched = cli(
         "launch",

@@ -127,6 +127,7 @@ def test_checkpoints_are_kept_by_recency_and_validation(reference):
     assert result["status"] == "completed" and result["checkpoint_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_same_run(runs, reference):
     run_dir = runs / "killed"
     args = (RECIPE, *TINY, f"run.dir={runs}", "run.name=killed")
@@ -141,6 +142,7 @@ def test_kill_9_then_resume_gives_the_same_run(runs, reference):
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_signal_checkpoints_exits_75_and_resumes(runs, reference):
     run_dir = runs / "signalled"
     args = (RECIPE, *TINY, f"run.dir={runs}", "run.name=signalled")
@@ -159,6 +161,7 @@ def test_signal_checkpoints_exits_75_and_resumes(runs, reference):
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_crash_while_saving_leaves_the_previous_checkpoint(runs, reference):
     run_dir = runs / "crashed"
     args = (RECIPE, *TINY, f"run.dir={runs}", "run.name=crashed")
@@ -283,6 +286,7 @@ def digits(tmp_path_factory):
     return prepare_digits(tmp_path_factory.mktemp("data") / "digits", 8)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_with_the_dali_loader(runs, digits):
     # digits: 1437 training images in batches of 64 -> 23 steps per epoch (the last topped up),
     # 2 micro-batches each; killed mid-epoch 1
@@ -362,12 +366,14 @@ def test_ray_restarts_a_killed_worker_from_the_checkpoint(runs, ray_reference):
     assert_same_run(runs / "ray-killed", ray_reference)
 
 
+@pytest.mark.slow
 def test_two_worker_run_reports_the_evaluation_of_the_model_it_saved(ray_reference):
     from test_training import assert_reported_equals_export
 
     assert_reported_equals_export(ray_reference)
 
 
+@pytest.mark.slow
 def test_resume_on_one_worker_from_a_two_worker_checkpoint(runs, ray_reference):
     # the same global batch on one worker (local executor), from the 2-worker checkpoint at 10
     ckpt = ray_reference / "checkpoints"

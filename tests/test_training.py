@@ -94,6 +94,7 @@ def test_run_directory_holds_config_result_plot_and_model(tiny_run):
     assert "img/s | ETA" in out.stdout
 
 
+@pytest.mark.slow
 def test_smoke_mode_gives_a_verdict_on_synthetic_data(tmp_path):
     out = launch("recipes/resnet18_imagenet.yaml", "--smoke", f"run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -104,6 +105,7 @@ def test_smoke_mode_gives_a_verdict_on_synthetic_data(tmp_path):
     assert result["steps"] == smoke.STEPS
 
 
+@pytest.mark.slow
 def test_bf16_training_keeps_batchnorm_statistics_in_fp32(tmp_path):
     out = launch(
         "recipes/synthetic_tiny.yaml",
