@@ -35,6 +35,7 @@ from addertrain.data.shards import (
     index_name,
     keys_path,
     manifest_dict,
+    shard_files,
     shard_name,
     table_path,
     write_json_atomic,
@@ -43,6 +44,7 @@ from addertrain.errors import UserError
 
 HELP = "pack a folder dataset or the ILSVRC2012 tars into WebDataset shards (data.source: packed)"
 STATE = ".pack-state"
+SPLITS = ("train", "val")
 BLOCK = 512
 GiB = 1 << 30
 
@@ -129,7 +131,7 @@ def _folder_source(src: Path, devkit: Path | None, labels: Path | None):
 
     classes = class_names(src, "train")
     splits = {}
-    for split in ("train", "val"):
+    for split in SPLITS:
         path = src / split
         if not path.exists():
             continue
@@ -438,11 +440,11 @@ def _remove_stale(dst: Path, shards: set[str], splits: set[str]) -> None:
     """Delete what an earlier pack of a larger source left and the manifest no longer names:
     shards past the new count and their indexes and records, the tables of a dropped split.
     Only after the manifest is written, so a kill in between leaves a complete set."""
-    for path in dst.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+    for path in shard_files(dst):
         if path.name not in shards:
             for stale in (path, dst / index_name(path.name), dst / STATE / f"{path.name}.json"):
                 stale.unlink(missing_ok=True)
-    for split in {"train", "val"} - splits:
+    for split in set(SPLITS) - splits:
         table_path(dst, split).unlink(missing_ok=True)
         keys_path(dst, split).unlink(missing_ok=True)
 

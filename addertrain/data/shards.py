@@ -68,6 +68,11 @@ def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:06d}.tar"
 
 
+def shard_files(root: Path) -> list[Path]:
+    """Every file under ``root`` named as :func:`shard_name` names shards."""
+    return sorted(Path(root).glob("*-" + "[0-9]" * 6 + ".tar"))
+
+
 def index_name(shard: str) -> str:
     """The DALI index file name of shard file name ``shard``."""
     return shard[: -len(".tar")] + ".idx"
