@@ -114,12 +114,12 @@ fi
 section fullstack "$FULLSTACK_S" "rm -rf $WORK/runs; $PY scripts/fullstack.py $SOURCE \
     --runs $WORK/runs --out $OUT $SIZES recipes/resnet50_imagenet.yaml $OVERRIDES"
 if [ "$GPU" = 1 ]; then
-    section gpu-tests 60 "$PY -m pytest -q -p no:cacheprovider -m gpu \
+    section gpu-tests 60 "$PY -m pytest -q -n 0 -p no:cacheprovider -m gpu \
         --continue-on-collection-errors tests 2>&1 | tee -a $TESTS"
     section bench-kernels 170 "$CLI bench kernels --batch 64 --network-batch 64 --network-budget 15 \
         --json $OUT/bench_kernels.json 2>&1 | tee $OUT/bench_kernels.txt"
 else
-    section kernel-tests 300 "$PY -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee -a $TESTS"
+    section kernel-tests 300 "$PY -m pytest -q -n 0 -p no:cacheprovider tests/test_kernels.py 2>&1 | tee -a $TESTS"
     section bench-kernels 200 "$CLI bench kernels --quick --json $OUT/bench_kernels.json 2>&1 | tee $OUT/bench_kernels.txt"
 fi
 section compiler-report 60 "env -u TRITON_INTERPRET $CLI bench kernels --compiler-report --json $OUT/compiler_report.json"

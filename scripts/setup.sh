@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import addertrain, deepspeed, ray, nvidia.dali, triton, sklearn, psutil, mlxtend, ruff, tensorboardX" 2>/dev/null; then
+if ! .venv/bin/python -c "import addertrain, deepspeed, ray, nvidia.dali, triton, sklearn, psutil, mlxtend, ruff, tensorboardX, xdist" 2>/dev/null; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -c constraints/cpu-dev.txt torch==2.13.0
     .venv/bin/python -m pip install -q -c constraints/cpu-dev.txt -e '.[cuda12,dev]'

@@ -41,6 +41,9 @@ FROM_VENV = [
     "referencing",
     "rpds-py",
     "tensorboardX",
+    # pyproject's pytest options run the tests in parallel processes (gpu_check.sh: -n 0)
+    "pytest-xdist",
+    "execnet",
     # DALI's Python dependencies missing there
     "astunparse",
     "gast",

@@ -1,6 +1,7 @@
 """Test settings: the CPU path runs the real Triton (interpreter), DeepSpeed (gloo) and DALI
 code; :func:`cli` runs the command in a child process, for every test file."""
 
+import collections
 import os
 import shutil
 import signal
@@ -75,6 +76,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+    # The files with the most slow tests first: pytest-xdist hands out whole files in this
+    # order (--no-loadscope-reorder), so the longest start at once and the rest fill in.
+    slow = collections.Counter(item.path for item in items if "slow" in item.keywords)
+    items.sort(key=lambda item: -slow[item.path])
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker more than the cores, at least 3. The slow tests spend much of
+    their time waiting on other processes (Ray, Slurm, a node's timeout), so 3 workers keep 2
+    cores busy where 2 would leave them idle."""
+    return max(3, (os.cpu_count() or 1) + 1)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ munged stays outside: its socket is a file, which every namespace reaches.
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import os
 import shutil
 import signal
@@ -44,14 +46,16 @@ NODE = "localhost"
 NODE_CPUS = max(4, os.cpu_count() or 1)
 
 
+_INSTANCES = itertools.count()
+
+
 class ClusterError(RuntimeError):
     pass
 
 
 def install() -> None:
     """Install the Debian packages if any program is missing (needs root and apt-get)."""
-    missing = [p for p in PROGRAMS if not shutil.which(p, path=_sbin_path())]
-    if not missing:
+    if not (missing := _missing()):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise ClusterError(
@@ -59,13 +63,23 @@ def install() -> None:
             f"{' '.join(PACKAGES)} (the tests do it themselves when run as root with apt-get)"
         )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
-    ):
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if r.returncode:
-            raise ClusterError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    # test processes running side by side (pytest-xdist) install one at a time: apt holds a
+    # lock of its own and would refuse the second, which finds the programs there once it waited
+    with open("/tmp/addertrain-test-slurm-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for cmd in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+        ):
+            if not _missing():
+                return
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if r.returncode:
+                raise ClusterError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+
+
+def _missing() -> list[str]:
+    return [p for p in PROGRAMS if not shutil.which(p, path=_sbin_path())]
 
 
 def _sbin_path() -> str:
@@ -78,21 +92,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def daemon_pids() -> set[int]:
-    """PIDs of every live munge/Slurm daemon process on this machine.
+def daemon_pids(conf: Path) -> set[int]:
+    """PIDs of the live munge/Slurm daemon processes of the cluster configured by ``conf``.
 
-    Zombies do not count: in a container whose PID 1 does not reap, an exited
-    slurmstepd (it daemonizes to PID 1) stays a zombie but holds nothing.
+    Every one of them carries ``SLURM_CONF=conf`` in its environment (slurmstepd too, which
+    daemonizes away from slurmd), so the clusters of other test processes running at the same
+    time are never counted. Zombies do not count: in a container whose PID 1 does not reap,
+    an exited slurmstepd stays a zombie but holds nothing.
     """
+    needle = f"SLURM_CONF={conf}".encode()
     pids = set()
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 stat = (proc / "stat").read_text()
+                env = (proc / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
             comm, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
-            if comm in DAEMONS and state != "Z":
+            if comm in DAEMONS and state != "Z" and needle in env:
                 pids.add(int(proc.name))
     return pids
 
@@ -123,6 +141,9 @@ class SlurmCluster:
 
     def __init__(self, hosts=None):
         self.hosts = list(hosts or [])
+        # job IDs of their own: a job's processes are found by SLURM_JOB_ID (job_pids), and the
+        # clusters of test processes running side by side would otherwise both count from 1
+        self.first_job_id = (os.getpid() % 50000) * 1000 + 100 * next(_INSTANCES) + 1
         self.nodes = [(h.name, h.ip) for h in self.hosts] or [(NODE, "127.0.0.1")]
         self.dir = Path(tempfile.mkdtemp(prefix="addertrain-slurm-"))
         # short: Ray puts its sockets in the node-local folder (108-byte path limit)
@@ -139,7 +160,6 @@ class SlurmCluster:
 
     # -- bring-up ---------------------------------------------------------------------
     def start(self, timeout: float = 60) -> None:
-        self._before = daemon_pids()
         try:
             self._start_munge()
             self._write_conf()
@@ -220,6 +240,7 @@ class SlurmCluster:
         )
         self.conf.write_text(f"""\
 ClusterName=addertrain-test
+FirstJobId={self.first_job_id}
 SlurmctldHost={controller}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
@@ -336,11 +357,7 @@ MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
-        # slurmstepd daemonizes away from slurmd: only the before/after difference finds it,
-        # or, across namespaces, the namespace it runs in
-        left = daemon_pids() - getattr(self, "_before", set())
-        if self.hosts:
-            left &= {pid for h in self.hosts for pid in h.pids()}
+        left = daemon_pids(self.conf)
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
