@@ -67,6 +67,20 @@ def preempt_while_paused(send, workers: list[int], run_dir: Path) -> None:
                 pass
 
 
+# The test files that take longest, longest first, as measured on 2 cores under pytest-xdist
+# (docs/performance.md, "The test suite"); the others follow by their number of slow tests.
+LONGEST = (
+    "test_resume.py",
+    "test_node_loss.py",
+    "test_distributed.py",
+    "test_slurm.py",
+    "test_gpu_script.py",
+    "test_multinode.py",
+    "test_multinode_slurm.py",
+    "test_watchdog.py",
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by the marks added here
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -76,10 +90,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
-    # The files with the most slow tests first: pytest-xdist hands out whole files in this
-    # order (--no-loadscope-reorder), so the longest start at once and the rest fill in.
+    # pytest-xdist hands out whole files in this order (--no-loadscope-reorder): the longest
+    # first, so that they start at once and the short ones fill in around them.
     slow = collections.Counter(item.path for item in items if "slow" in item.keywords)
-    items.sort(key=lambda item: -slow[item.path])
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(LONGEST)), -slow[item.path]))
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -99,3 +114,39 @@ def ray_cluster(tmp_path_factory):
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+# -- the multi-node tests' (tests/multinode.py): module-scoped, so each file that uses them
+# gets its own hosts and reference run, and the files can run side by side
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """Two hosts n0 and n1 as network namespaces (tests/netns.py), removed after."""
+    from netns import Hosts, NetnsUnavailable
+
+    try:
+        made = Hosts(2)
+    except NetnsUnavailable as e:
+        pytest.skip(f"no network namespaces here: {e}")
+    yield made
+    left = made.close()
+    assert not left, f"processes left in the test namespaces: {left}"
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    """Where the digits job of the multi-node tests writes its dataset (once per file)."""
+    return tmp_path_factory.mktemp("data") / "digits"
+
+
+@pytest.fixture(scope="module")
+def one_node_run(digits_root, tmp_path_factory):
+    """The multi-node tests' reference: their digits job uninterrupted on one node (the
+    embedded Ray cluster), the same training bit for bit as on two (test_multinode.py)."""
+    from multinode import DIGITS, launch
+
+    runs = tmp_path_factory.mktemp("one-node")
+    out = launch(*DIGITS, f"data.root={digits_root}", f"run.dir={runs}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return runs / "digits"
