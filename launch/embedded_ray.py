@@ -35,6 +35,24 @@ FAILURE_LOGGERS = (
 )
 
 
+# Ray Train's hint to the autoscaler: when the machine is loaded it times out and is logged
+# with its traceback, though Ray retries it and calls it safe to ignore; one line is kept.
+AUTOSCALER_HINT_LOGGER = (
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+)
+
+
+class _OneLine(logging.Filter):
+    """A record's exception as the end of its line, not as a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(error).__name__}: {error})"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
 class _HideTracebacks(logging.Filter):
     """Records about an exception (logged with it, or while it is being handled)."""
 
@@ -57,6 +75,7 @@ def worker_setup() -> None:
     logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
     for name in FAILURE_LOGGERS:
         logging.getLogger(name).addFilter(_HideTracebacks())
+    logging.getLogger(AUTOSCALER_HINT_LOGGER).addFilter(_OneLine())
 
 
 @contextlib.contextmanager

@@ -68,3 +68,25 @@ def test_other_ranks_speak_only_for_warnings(capsys, monkeypatch):
 def test_version():
     out = cli("--version", timeout=60)
     assert out.returncode == 0 and re.fullmatch(r"addertrain \d+\.\d+\.\d+\n", out.stdout)
+
+
+def test_ray_trains_autoscaler_hint_timing_out_is_one_line_not_a_traceback(capsys):
+    """Ray Train logs a timed-out hint to the autoscaler (a loaded machine) with its traceback;
+    in the run's Ray workers it is one line (launch/embedded_ray.worker_setup's filter)."""
+    from addertrain.launch import embedded_ray
+
+    logger = logging.getLogger("test-autoscaler-hint")
+    handler = logging.StreamHandler()
+    logger.addHandler(handler)
+    logger.addFilter(embedded_ray._OneLine())
+    try:
+        try:
+            raise TimeoutError("Get timed out: some object(s) not ready.")
+        except TimeoutError:
+            logger.warning("Failed to send resource request for %s.", "train-1", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert capsys.readouterr().err.splitlines() == [
+        "Failed to send resource request for train-1. "
+        "(TimeoutError: Get timed out: some object(s) not ready.)"
+    ]
