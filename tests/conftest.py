@@ -70,14 +70,14 @@ def preempt_while_paused(send, workers: list[int], run_dir: Path) -> None:
 # The test files that take longest, longest first, as measured on 2 cores under pytest-xdist
 # (docs/performance.md, "The test suite"); the others follow by their number of slow tests.
 LONGEST = (
-    "test_resume.py",
     "test_node_loss.py",
-    "test_distributed.py",
-    "test_slurm.py",
-    "test_gpu_script.py",
+    "test_resume.py",
     "test_multinode.py",
-    "test_multinode_slurm.py",
+    "test_gpu_script.py",
+    "test_slurm.py",
+    "test_distributed.py",
     "test_watchdog.py",
+    "test_multinode_slurm.py",
 )
 
 
