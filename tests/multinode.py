@@ -1,6 +1,6 @@
 """What the multi-node tests share: hosts as network namespaces (tests/netns.py), a Ray
 cluster of two nodes on them with token authentication, the digits job shortened to 6 steps,
-and its reference run on one node (the embedded cluster). Each test file that imports the
+and its reference run on one node (the embedded cluster). Each test file that uses the
 fixtures (tests/conftest.py: hosts, digits_root, one_node_run) gets its own hosts and
 reference, so the files run side by side (pytest-xdist)."""
 
