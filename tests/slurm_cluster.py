@@ -67,12 +67,12 @@ def install() -> None:
     # lock of its own and would refuse the second, which finds the programs there once it waited
     with open("/tmp/addertrain-test-slurm-install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _missing():
+            return
         for cmd in (
             ["apt-get", "update", "-qq"],
             ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
         ):
-            if not _missing():
-                return
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode:
                 raise ClusterError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
@@ -92,6 +92,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _with_env(entry: str):
+    """(PID, /proc folder) of every other live process with ``entry`` (``NAME=value``) in its
+    environment."""
+    needle = entry.encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in env:
+            yield int(proc.name), proc
+
+
 def daemon_pids(conf: Path) -> set[int]:
     """PIDs of the live munge/Slurm daemon processes of the cluster configured by ``conf``.
 
@@ -100,18 +115,15 @@ def daemon_pids(conf: Path) -> set[int]:
     time are never counted. Zombies do not count: in a container whose PID 1 does not reap,
     an exited slurmstepd stays a zombie but holds nothing.
     """
-    needle = f"SLURM_CONF={conf}".encode()
     pids = set()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                stat = (proc / "stat").read_text()
-                env = (proc / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            comm, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
-            if comm in DAEMONS and state != "Z" and needle in env:
-                pids.add(int(proc.name))
+    for pid, proc in _with_env(f"SLURM_CONF={conf}"):
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        comm, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
+        if comm in DAEMONS and state != "Z":
+            pids.add(pid)
     return pids
 
 
@@ -121,18 +133,7 @@ def job_pids(job_id: int | str) -> list[int]:
     Every process of a job inherits it, Ray's raylet, GCS and worker processes included,
     whatever their command line says.
     """
-    needle = f"SLURM_JOB_ID={job_id}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if needle in env:
-            pids.append(int(proc.name))
-    return pids
+    return [pid for pid, _ in _with_env(f"SLURM_JOB_ID={job_id}")]
 
 
 class SlurmCluster:

@@ -104,12 +104,14 @@ def assert_nothing_left(job_id):
 
 
 def commands(pids: list[int]) -> dict[int, str]:
-    """Each live process's command line, for a failure message."""
+    """Each process's command line, for a failure message."""
+    import psutil
+
     found = {}
     for pid in pids:
         try:
-            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+            found[pid] = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
             found[pid] = "(ended)"
     return found
 
