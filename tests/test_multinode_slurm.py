@@ -5,6 +5,7 @@ test_multinode.py)."""
 
 import os
 import re
+import time
 
 import pytest
 
@@ -70,7 +71,13 @@ def test_slurm_job_on_two_nodes_is_preempted_and_resumes_to_the_same_weights(
     )
     run_dir = tmp_path / "runs" / "digits"
     metrics = run_dir / "metrics.jsonl"
-    wait_job(slurm_2, job, until=lambda j: metrics.is_file() and metrics.read_text().strip())
+    # The first step's record, looked for every 20 ms: the 5 steps after it can take a third
+    # of a second, less than one round of wait_job's scontrol polling, and the stop request
+    # must reach the run before its last step.
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert time.monotonic() < deadline, f"no step logged within 240 s: {slurm_2.job(job)}"
+        time.sleep(0.02)
     workers = running_train_workers(hosts)
     preempt_while_paused(
         lambda: slurm_2.run("scancel", "--batch", "--signal=USR1", job),
